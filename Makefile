@@ -1,0 +1,29 @@
+# One command each, on a fresh machine: `make demo`, `make test`.
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+
+.PHONY: install demo test test-fast bench clean
+
+install: .venv/.installed
+
+.venv/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+demo: install
+	$(PY) -m lmcoh.cli exact tasks/mountain_race.yaml --steps 4
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+bench: install
+	$(PY) -m lmcoh.bench
+
+clean:
+	rm -rf .venv outputs build *.egg-info

@@ -1,0 +1,342 @@
+"""The exact oracle: every quantity of THEORY.md by dynamic programming over (step, state).
+
+numpy only (no torch). A *policy* is ``list[np.ndarray]``: entry ``t`` holds the action
+probabilities over ``task.layers[t].actions`` (the flat actions of the states reachable at
+decision step ``t``). All values live in log space, so q = 0 is a clean ``-inf``.
+
+Conventions where the theory leaves a case open (documented, and tested):
+* conditioning on an event of probability zero leaves a state's policy unchanged: at a state
+  where every action has ``pi(a) exp Q(a) = 0``, ``G(pi)`` keeps ``pi``; where every action has
+  ``Q = -inf``, ``pi^delta`` is taken to be ``pi`` (no action is better, so nothing is incoherent).
+* incoherence is ``+inf`` when pi puts mass on an action that ``pi^delta`` gives zero.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+
+from .task import Task
+
+Policy = list[np.ndarray]
+SEQUENCES = ("retrain", "temperature", "fold", "fold_ratio", "cumulative")
+
+
+# ---- segment helpers (a segment = the actions of one state, or the transitions of one action)
+def _seg_max(x: np.ndarray, start: np.ndarray) -> np.ndarray:
+    m = np.maximum.reduceat(x, start[:-1]) if len(x) else np.zeros(len(start) - 1)
+    return np.where(np.isfinite(m), m, 0.0)
+
+
+def _seg_logsumexp(x: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """log(sum(exp(x))) over each segment ``x[start[i]:start[i+1]]`` (segments non-empty)."""
+    m = _seg_max(x, start)
+    counts = np.diff(start)
+    with np.errstate(divide="ignore"):
+        return np.log(np.add.reduceat(np.exp(x - np.repeat(m, counts)), start[:-1])) + m
+
+
+def _seg_softmax(logits: np.ndarray, start: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """Per-segment softmax; a segment whose logits are all -inf gets ``fallback``'s values."""
+    counts = np.diff(start)
+    m = np.repeat(_seg_max(logits, start), counts)
+    w = np.exp(logits - m)
+    z = np.repeat(np.add.reduceat(w, start[:-1]), counts)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(z > 0, w / z, fallback)
+
+
+def _log(x: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.log(x)
+
+
+def _scaled(logq: np.ndarray | float, alpha: float) -> np.ndarray:
+    """alpha * log q with q**0 = 1 (so alpha = 0 gives the prior even where q = 0)."""
+    logq = np.asarray(logq, dtype=float)
+    if alpha == 0:
+        return np.zeros_like(logq)
+    with np.errstate(invalid="ignore"):
+        return np.where(np.isneginf(logq), -np.inf, alpha * logq)
+
+
+# ---- policies ---------------------------------------------------------------------------------
+def prior_policy(task: Task) -> Policy:
+    return [task.prior[layer.actions].copy() for layer in task.layers]
+
+
+def uniform_policy(task: Task) -> Policy:
+    return [1.0 / np.repeat(np.diff(layer.start), np.diff(layer.start)) for layer in task.layers]
+
+
+def from_action_probs(task: Task, probs: np.ndarray) -> Policy:
+    """A stationary policy given as one probability per flat action (same at every step)."""
+    return [np.asarray(probs, dtype=float)[layer.actions].copy() for layer in task.layers]
+
+
+# ---- backward passes ---------------------------------------------------------------------------
+def _backup(task: Task, combine: Callable[[int, np.ndarray], np.ndarray], reward_scale: float = 1.0,
+            bonus: Policy | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Backward induction. ``combine(t, Q_t)`` turns action values into state values."""
+    v = np.where(task.terminal, _scaled(task.terminal_logq, reward_scale),
+                 _scaled(task.timeout_logq, reward_scale))
+    log_tp = _log(task.trans_prob)
+    action_r = _scaled(task.action_logq, reward_scale)
+    Q: list[np.ndarray] = [np.zeros(0)] * task.horizon
+    V: list[np.ndarray] = [np.zeros(0)] * task.horizon
+    for t in reversed(range(task.horizon)):
+        layer = task.layers[t]
+        cont = _seg_logsumexp(log_tp[layer.trans] + v[task.trans_next[layer.trans]], layer.trans_start)
+        q = action_r[layer.actions] + cont
+        if bonus is not None:
+            q = q + bonus[t]
+        Q[t], V[t] = q, combine(t, q)
+        v[layer.states] = V[t]
+    return Q, V
+
+
+def soft_values(task: Task, policy: Policy, reward_scale: float = 1.0,
+                bonus: Policy | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Soft Q^pi and V^pi (THEORY.md): exp Q = P(success from (s, a) | later actions from pi).
+
+    ``reward_scale`` multiplies every log q (temperature); ``bonus`` adds a per-action reward
+    (the folded sequences' extra log-policy terms).
+    """
+    logpi = [_log(p) for p in policy]
+    return _backup(task, lambda t, q: _seg_logsumexp(logpi[t] + q, task.layers[t].start),
+                   reward_scale, bonus)
+
+
+def _condition(task: Task, policy: Policy, Q: list[np.ndarray]) -> Policy:
+    """pi(a|s) exp Q(s, a), renormalised per state (conditioning on success)."""
+    return [_seg_softmax(_log(p) + q, layer.start, p) for p, q, layer in zip(policy, Q, task.layers)]
+
+
+def goal_condition(task: Task, policy: Policy) -> Policy:
+    """G(pi)(a|s) = pi(a | s, O = 1), proportional to pi(a|s) exp Q^pi(s, a)."""
+    return _condition(task, policy, soft_values(task, policy)[0])
+
+
+def temperature_policy(task: Task, alpha: float, prior: Policy | None = None) -> Policy:
+    """pi_alpha(a|s) = p(a | s, O^alpha = 1) with P(O^alpha = 1 | s, a) = q(s, a)^alpha (Def 5.6)."""
+    prior = prior_policy(task) if prior is None else prior
+    return _condition(task, prior, soft_values(task, prior, reward_scale=alpha)[0])
+
+
+def sequence(task: Task, kind: str, steps: int) -> list[Policy]:
+    """Policies k = 0..steps of one optimisation-pressure sequence (Section 5).
+
+    retrain:     pi_0 = p, pi_{k+1} = G(pi_k)
+    temperature: pi_alpha with alpha = k
+    fold:        Def 5.7 as printed: r_{k+1} = r_0 + log pi^F_{k+1}
+    fold_ratio:  the corrected fold, r_{k+1} = r_0 + log(pi^F_{k+1} / p) (equals retrain for any prior)
+    cumulative:  Def 5.8: r_{k+1} = r_k + log pi^H_{k+1}
+    """
+    p = prior_policy(task)
+    if kind == "retrain":
+        out = [p]
+        for _ in range(steps):
+            out.append(goal_condition(task, out[-1]))
+        return out
+    if kind == "temperature":
+        return [p] + [temperature_policy(task, float(k), p) for k in range(1, steps + 1)]
+    if kind not in ("fold", "fold_ratio", "cumulative"):
+        raise ValueError(f"unknown sequence {kind!r}; choose one of {', '.join(SEQUENCES)}")
+    out, bonus = [p], None
+    logp = [_log(x) for x in p]
+    for _ in range(steps):
+        pi = _condition(task, p, soft_values(task, p, bonus=bonus)[0])
+        out.append(pi)
+        logpi = [_log(x) for x in pi]
+        if kind == "fold":
+            bonus = logpi
+        elif kind == "fold_ratio":
+            bonus = [a - b for a, b in zip(logpi, logp)]
+        else:
+            bonus = logpi if bonus is None else [b + a for b, a in zip(bonus, logpi)]
+    return out
+
+
+def boltzmann_policy(task: Task, policy: Policy, delta: float = 1.0) -> Policy:
+    """pi^delta(a|s) proportional to exp(Q^pi(s, a) / delta) - no prior factor (Def 4.6)."""
+    Q, _ = soft_values(task, policy)
+    return [_seg_softmax(q / delta, layer.start, p) for p, q, layer in zip(policy, Q, task.layers)]
+
+
+def boltzmann_iteration(task: Task, delta: float = 1.0, steps: int | None = None,
+                        start: Policy | None = None) -> list[Policy]:
+    """pi <- pi^delta from ``start`` (the prior); coherent within T steps (Prop 4.10)."""
+    out = [prior_policy(task) if start is None else start]
+    for _ in range(task.horizon if steps is None else steps):
+        out.append(boltzmann_policy(task, out[-1], delta))
+    return out
+
+
+# ---- forward quantities ------------------------------------------------------------------------
+def occupancy(task: Task, policy: Policy) -> list[np.ndarray]:
+    """d_pi^t(s): probability of being in each reachable state at decision step t."""
+    mass = np.where(task.terminal, 0.0, task.start_prob)
+    out = []
+    for t, layer in enumerate(task.layers):
+        d = mass[layer.states]
+        out.append(d)
+        flow = d[layer.seg] * policy[t]
+        w = np.repeat(flow, np.diff(layer.trans_start)) * task.trans_prob[layer.trans]
+        mass = np.bincount(task.trans_next[layer.trans], weights=w, minlength=task.n_states)
+        mass[task.terminal] = 0.0
+    return out
+
+
+def _expect(weights: np.ndarray, values: np.ndarray) -> float:
+    """sum(weights * values) where zero weight times -inf counts as 0."""
+    live = weights > 0
+    return float(np.sum(weights[live] * values[live]))
+
+
+def success(task: Task, policy: Policy) -> float:
+    _, V = soft_values(task, policy)
+    return _success_from_values(task, V)
+
+
+def _success_from_values(task: Task, V: list[np.ndarray]) -> float:
+    layer0 = task.layers[0]
+    s = float(np.sum(task.start_prob[layer0.states] * np.exp(V[0])))
+    term = task.terminal & (task.start_prob > 0)
+    return s + float(np.sum(task.start_prob[term] * np.exp(task.terminal_logq[term])))
+
+
+def expected_return(task: Task, policy: Policy, occ: list[np.ndarray] | None = None) -> float:
+    """J(pi) = E[sum of log q] (-inf when a q = 0 event has positive probability)."""
+    occ = occupancy(task, policy) if occ is None else occ
+    total = 0.0
+    term_r = np.where(task.terminal, task.terminal_logq, 0.0)
+    alive = 0.0
+    for t, layer in enumerate(task.layers):
+        flow = occ[t][layer.seg] * policy[t]
+        total += _expect(flow, task.action_logq[layer.actions])
+        w = np.repeat(flow, np.diff(layer.trans_start)) * task.trans_prob[layer.trans]
+        nxt = task.trans_next[layer.trans]
+        total += _expect(w, term_r[nxt])
+        if t == task.horizon - 1:
+            alive = float(np.sum(w[~task.terminal[nxt]]))
+    start_term = task.terminal & (task.start_prob > 0)
+    total += _expect(task.start_prob[start_term], task.terminal_logq[start_term])
+    if alive > 0:
+        total += alive * task.timeout_logq
+    return float(total)
+
+
+def causal_entropy(task: Task, policy: Policy, occ: list[np.ndarray] | None = None) -> float:
+    """H(pi) = E[sum_t H(pi(.|s_t))]."""
+    occ = occupancy(task, policy) if occ is None else occ
+    total = 0.0
+    for t, layer in enumerate(task.layers):
+        p = policy[t]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            h = np.where(p > 0, -p * np.log(p), 0.0)
+        total += float(np.dot(occ[t], np.add.reduceat(h, layer.start[:-1])))
+    return total
+
+
+def optimal_success(task: Task) -> float:
+    """max over policies of the success probability (hard max backup)."""
+    _, V = _backup(task, lambda t, q: np.maximum.reduceat(q, task.layers[t].start[:-1]))
+    return _success_from_values(task, V)
+
+
+# ---- incoherence -------------------------------------------------------------------------------
+def incoherence_terms(task: Task, policy: Policy, delta: float = 1.0,
+                      Q: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """KL(pi(.|s) || pi^delta(.|s)) for every (step, reachable state); +inf where infinite."""
+    Q = soft_values(task, policy)[0] if Q is None else Q
+    out = []
+    for p, q, layer in zip(policy, Q, task.layers):
+        pd = _seg_softmax(q / delta, layer.start, p)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            terms = np.where(p > 0, p * (np.log(p) - np.log(pd)), 0.0)
+        out.append(np.add.reduceat(terms, layer.start[:-1]))
+    return out
+
+
+def _weigh(occ: list[np.ndarray], terms: list[np.ndarray], finite_only: bool) -> float:
+    total = 0.0
+    for d, kl in zip(occ, terms):
+        live = d > 0
+        if finite_only:
+            live &= np.isfinite(kl)
+        elif np.any(np.isinf(kl[live])):
+            return math.inf
+        total += float(np.dot(d[live], kl[live]))
+    return total
+
+
+def incoherence(task: Task, policy: Policy, delta: float = 1.0) -> float:
+    """kappa_delta(pi) = sum_t E_{s ~ d_pi^t} KL(pi(.|s) || pi^delta(.|s)) (Def 4.6, 4.12)."""
+    return _weigh(occupancy(task, policy), incoherence_terms(task, policy, delta), False)
+
+
+def incoherence_finite_part(task: Task, policy: Policy, delta: float = 1.0) -> float:
+    """The same sum over the states whose KL is finite (the 'finite per-state parts')."""
+    return _weigh(occupancy(task, policy), incoherence_terms(task, policy, delta), True)
+
+
+# ---- comparisons and display -------------------------------------------------------------------
+def tv_distance(task: Task, policy: Policy, other: Policy, occ: list[np.ndarray] | None = None) -> float:
+    """State-visit-weighted total variation, weights = pi's own occupancy normalised to sum 1."""
+    occ = occupancy(task, policy) if occ is None else occ
+    num = den = 0.0
+    for t, layer in enumerate(task.layers):
+        tv = 0.5 * np.add.reduceat(np.abs(policy[t] - other[t]), layer.start[:-1])
+        num += float(np.dot(occ[t], tv))
+        den += float(occ[t].sum())
+    return num / den if den > 0 else 0.0
+
+
+def policy_table(task: Task, policy: Policy) -> dict[str, dict[str, float]]:
+    """{STATE or STATE@t: {ACTION: prob}} over every reachable (step, state)."""
+    table = {}
+    for keys, p, layer in zip(task.policy_keys(), policy, task.layers):
+        for i, key in enumerate(keys):
+            lo, hi = layer.start[i], layer.start[i + 1]
+            table[key] = {task.action_names[a]: float(x) for a, x in zip(layer.actions[lo:hi], p[lo:hi])}
+    return table
+
+
+def json_number(x: float) -> float | str:
+    """Floats for JSON, with infinities written as the strings 'inf' / '-inf'."""
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return float(x)
+
+
+def summary(task: Task, policy: Policy, delta: float = 1.0) -> dict:
+    """Success, return, incoherence (and its finite part) and causal entropy of one policy."""
+    Q, V = soft_values(task, policy)
+    occ = occupancy(task, policy)
+    terms = incoherence_terms(task, policy, delta, Q)
+    return {"success": _success_from_values(task, V),
+            "return": expected_return(task, policy, occ),
+            "incoherence": _weigh(occ, terms, False),
+            "incoherence_finite_part": _weigh(occ, terms, True),
+            "causal_entropy": causal_entropy(task, policy, occ)}
+
+
+def analyse(task: Task, steps: int = 4, delta: float = 1.0, policies: bool = True,
+            kinds: tuple[str, ...] = SEQUENCES) -> dict:
+    """The `lmcoh exact --json` object: every sequence k = 0..steps with its summaries."""
+    result = {"task": task.name, "deterministic": task.deterministic, "delta": delta,
+              "optimal_success": optimal_success(task), "sequences": {}}
+    for kind in kinds:
+        entries = []
+        for k, pi in enumerate(sequence(task, kind, steps)):
+            s = summary(task, pi, delta)
+            entry = {"k": k, "success": s["success"], "return": json_number(s["return"]),
+                     "incoherence": json_number(s["incoherence"]),
+                     "causal_entropy": s["causal_entropy"]}
+            if policies:
+                entry["policy"] = policy_table(task, pi)
+            entries.append(entry)
+        result["sequences"][kind] = entries
+    return result
