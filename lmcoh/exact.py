@@ -24,30 +24,6 @@ Policy = list[np.ndarray]
 SEQUENCES = ("retrain", "temperature", "fold", "fold_ratio", "cumulative")
 
 
-# ---- segment helpers (a segment = the actions of one state, or the transitions of one action)
-def _seg_max(x: np.ndarray, start: np.ndarray) -> np.ndarray:
-    m = np.maximum.reduceat(x, start[:-1]) if len(x) else np.zeros(len(start) - 1)
-    return np.where(np.isfinite(m), m, 0.0)
-
-
-def _seg_logsumexp(x: np.ndarray, start: np.ndarray) -> np.ndarray:
-    """log(sum(exp(x))) over each segment ``x[start[i]:start[i+1]]`` (segments non-empty)."""
-    m = _seg_max(x, start)
-    counts = np.diff(start)
-    with np.errstate(divide="ignore"):
-        return np.log(np.add.reduceat(np.exp(x - np.repeat(m, counts)), start[:-1])) + m
-
-
-def _seg_softmax(logits: np.ndarray, start: np.ndarray, fallback: np.ndarray) -> np.ndarray:
-    """Per-segment softmax; a segment whose logits are all -inf gets ``fallback``'s values."""
-    counts = np.diff(start)
-    m = np.repeat(_seg_max(logits, start), counts)
-    w = np.exp(logits - m)
-    z = np.repeat(np.add.reduceat(w, start[:-1]), counts)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(z > 0, w / z, fallback)
-
-
 def _log(x: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore"):
         return np.log(x)
@@ -68,7 +44,7 @@ def prior_policy(task: Task) -> Policy:
 
 
 def uniform_policy(task: Task) -> Policy:
-    return [1.0 / np.repeat(np.diff(layer.start), np.diff(layer.start)) for layer in task.layers]
+    return [1.0 / layer.by_state.repeat(layer.by_state.counts) for layer in task.layers]
 
 
 def from_action_probs(task: Task, probs: np.ndarray) -> Policy:
@@ -82,14 +58,14 @@ def _backup(task: Task, combine: Callable[[int, np.ndarray], np.ndarray], reward
     """Backward induction. ``combine(t, Q_t)`` turns action values into state values."""
     v = np.where(task.terminal, _scaled(task.terminal_logq, reward_scale),
                  _scaled(task.timeout_logq, reward_scale))
-    log_tp = _log(task.trans_prob)
-    action_r = _scaled(task.action_logq, reward_scale)
     Q: list[np.ndarray] = [np.zeros(0)] * task.horizon
     V: list[np.ndarray] = [np.zeros(0)] * task.horizon
     for t in reversed(range(task.horizon)):
         layer = task.layers[t]
-        cont = _seg_logsumexp(log_tp[layer.trans] + v[task.trans_next[layer.trans]], layer.trans_start)
-        q = action_r[layer.actions] + cont
+        cont = layer.trans_logp + v[layer.trans_next]
+        if layer.by_action.width != 1:
+            cont = layer.by_action.logsumexp(cont)
+        q = _scaled(task.action_logq[layer.actions], reward_scale) + cont
         if bonus is not None:
             q = q + bonus[t]
         Q[t], V[t] = q, combine(t, q)
@@ -104,14 +80,17 @@ def soft_values(task: Task, policy: Policy, reward_scale: float = 1.0,
     ``reward_scale`` multiplies every log q (temperature); ``bonus`` adds a per-action reward
     (the folded sequences' extra log-policy terms).
     """
-    logpi = [_log(p) for p in policy]
-    return _backup(task, lambda t, q: _seg_logsumexp(logpi[t] + q, task.layers[t].start),
-                   reward_scale, bonus)
+    def combine(t: int, q: np.ndarray) -> np.ndarray:
+        layer = task.layers[t]
+        return layer.by_state.logsumexp(_log(policy[t]) + q)
+
+    return _backup(task, combine, reward_scale, bonus)
 
 
 def _condition(task: Task, policy: Policy, Q: list[np.ndarray]) -> Policy:
     """pi(a|s) exp Q(s, a), renormalised per state (conditioning on success)."""
-    return [_seg_softmax(_log(p) + q, layer.start, p) for p, q, layer in zip(policy, Q, task.layers)]
+    return [layer.by_state.softmax(_log(p) + q, p)
+            for p, q, layer in zip(policy, Q, task.layers)]
 
 
 def goal_condition(task: Task, policy: Policy) -> Policy:
@@ -162,7 +141,8 @@ def sequence(task: Task, kind: str, steps: int) -> list[Policy]:
 def boltzmann_policy(task: Task, policy: Policy, delta: float = 1.0) -> Policy:
     """pi^delta(a|s) proportional to exp(Q^pi(s, a) / delta) - no prior factor (Def 4.6)."""
     Q, _ = soft_values(task, policy)
-    return [_seg_softmax(q / delta, layer.start, p) for p, q, layer in zip(policy, Q, task.layers)]
+    return [layer.by_state.softmax(q / delta, p)
+            for p, q, layer in zip(policy, Q, task.layers)]
 
 
 def boltzmann_iteration(task: Task, delta: float = 1.0, steps: int | None = None,
@@ -175,24 +155,51 @@ def boltzmann_iteration(task: Task, delta: float = 1.0, steps: int | None = None
 
 
 # ---- forward quantities ------------------------------------------------------------------------
-def occupancy(task: Task, policy: Policy) -> list[np.ndarray]:
-    """d_pi^t(s): probability of being in each reachable state at decision step t."""
-    mass = np.where(task.terminal, 0.0, task.start_prob)
-    out = []
-    for t, layer in enumerate(task.layers):
-        d = mass[layer.states]
-        out.append(d)
-        flow = d[layer.seg] * policy[t]
-        w = np.repeat(flow, np.diff(layer.trans_start)) * task.trans_prob[layer.trans]
-        mass = np.bincount(task.trans_next[layer.trans], weights=w, minlength=task.n_states)
-        mass[task.terminal] = 0.0
-    return out
-
-
 def _expect(weights: np.ndarray, values: np.ndarray) -> float:
     """sum(weights * values) where zero weight times -inf counts as 0."""
     live = weights > 0
     return float(np.sum(weights[live] * values[live]))
+
+
+def _forward(task: Task, policy: Policy) -> tuple[list[np.ndarray], float, float]:
+    """One pass forward in time: occupancy d_pi^t, return J(pi) and causal entropy H(pi)."""
+    mass = np.where(task.terminal, 0.0, task.start_prob)
+    start_term = task.terminal & (task.start_prob > 0)
+    ret = _expect(task.start_prob[start_term], task.terminal_logq[start_term])
+    term_r = np.where(task.terminal, task.terminal_logq, 0.0)
+    occ, ent, alive = [], 0.0, 0.0
+    for t, layer in enumerate(task.layers):
+        d = mass[layer.states]
+        occ.append(d)
+        p = policy[t]
+        flow = layer.by_state.repeat(d) * p
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ent -= float(np.sum(np.where(flow > 0, flow * np.log(p), 0.0)))
+        ret += _expect(flow, task.action_logq[layer.actions])
+        w = layer.by_action.repeat(flow)
+        w = w * np.exp(layer.trans_logp)
+        ret += _expect(w, term_r[layer.trans_next])
+        mass = np.bincount(layer.trans_next, weights=w, minlength=task.n_states)
+        mass[task.terminal] = 0.0
+    alive = float(mass.sum())
+    if alive > 0:
+        ret += alive * task.timeout_logq
+    return occ, float(ret), ent
+
+
+def occupancy(task: Task, policy: Policy) -> list[np.ndarray]:
+    """d_pi^t(s): probability of being in each reachable state at decision step t."""
+    return _forward(task, policy)[0]
+
+
+def expected_return(task: Task, policy: Policy) -> float:
+    """J(pi) = E[sum of log q] (-inf when a q = 0 event has positive probability)."""
+    return _forward(task, policy)[1]
+
+
+def causal_entropy(task: Task, policy: Policy) -> float:
+    """H(pi) = E[sum_t H(pi(.|s_t))]."""
+    return _forward(task, policy)[2]
 
 
 def success(task: Task, policy: Policy) -> float:
@@ -207,42 +214,12 @@ def _success_from_values(task: Task, V: list[np.ndarray]) -> float:
     return s + float(np.sum(task.start_prob[term] * np.exp(task.terminal_logq[term])))
 
 
-def expected_return(task: Task, policy: Policy, occ: list[np.ndarray] | None = None) -> float:
-    """J(pi) = E[sum of log q] (-inf when a q = 0 event has positive probability)."""
-    occ = occupancy(task, policy) if occ is None else occ
-    total = 0.0
-    term_r = np.where(task.terminal, task.terminal_logq, 0.0)
-    alive = 0.0
-    for t, layer in enumerate(task.layers):
-        flow = occ[t][layer.seg] * policy[t]
-        total += _expect(flow, task.action_logq[layer.actions])
-        w = np.repeat(flow, np.diff(layer.trans_start)) * task.trans_prob[layer.trans]
-        nxt = task.trans_next[layer.trans]
-        total += _expect(w, term_r[nxt])
-        if t == task.horizon - 1:
-            alive = float(np.sum(w[~task.terminal[nxt]]))
-    start_term = task.terminal & (task.start_prob > 0)
-    total += _expect(task.start_prob[start_term], task.terminal_logq[start_term])
-    if alive > 0:
-        total += alive * task.timeout_logq
-    return float(total)
-
-
-def causal_entropy(task: Task, policy: Policy, occ: list[np.ndarray] | None = None) -> float:
-    """H(pi) = E[sum_t H(pi(.|s_t))]."""
-    occ = occupancy(task, policy) if occ is None else occ
-    total = 0.0
-    for t, layer in enumerate(task.layers):
-        p = policy[t]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            h = np.where(p > 0, -p * np.log(p), 0.0)
-        total += float(np.dot(occ[t], np.add.reduceat(h, layer.start[:-1])))
-    return total
-
-
 def optimal_success(task: Task) -> float:
     """max over policies of the success probability (hard max backup)."""
-    _, V = _backup(task, lambda t, q: np.maximum.reduceat(q, task.layers[t].start[:-1]))
+    def best(t: int, q: np.ndarray) -> np.ndarray:
+        return task.layers[t].by_state.max(q)
+
+    _, V = _backup(task, best)
     return _success_from_values(task, V)
 
 
@@ -253,10 +230,10 @@ def incoherence_terms(task: Task, policy: Policy, delta: float = 1.0,
     Q = soft_values(task, policy)[0] if Q is None else Q
     out = []
     for p, q, layer in zip(policy, Q, task.layers):
-        pd = _seg_softmax(q / delta, layer.start, p)
+        pd = layer.by_state.softmax(q / delta, p)
         with np.errstate(divide="ignore", invalid="ignore"):
             terms = np.where(p > 0, p * (np.log(p) - np.log(pd)), 0.0)
-        out.append(np.add.reduceat(terms, layer.start[:-1]))
+        out.append(layer.by_state.sum(terms))
     return out
 
 
@@ -283,12 +260,13 @@ def incoherence_finite_part(task: Task, policy: Policy, delta: float = 1.0) -> f
 
 
 # ---- comparisons and display -------------------------------------------------------------------
-def tv_distance(task: Task, policy: Policy, other: Policy, occ: list[np.ndarray] | None = None) -> float:
+def tv_distance(task: Task, policy: Policy, other: Policy,
+                occ: list[np.ndarray] | None = None) -> float:
     """State-visit-weighted total variation, weights = pi's own occupancy normalised to sum 1."""
     occ = occupancy(task, policy) if occ is None else occ
     num = den = 0.0
     for t, layer in enumerate(task.layers):
-        tv = 0.5 * np.add.reduceat(np.abs(policy[t] - other[t]), layer.start[:-1])
+        tv = 0.5 * layer.by_state.sum(np.abs(policy[t] - other[t]))
         num += float(np.dot(occ[t], tv))
         den += float(occ[t].sum())
     return num / den if den > 0 else 0.0
@@ -311,16 +289,31 @@ def json_number(x: float) -> float | str:
     return float(x)
 
 
-def summary(task: Task, policy: Policy, delta: float = 1.0) -> dict:
-    """Success, return, incoherence (and its finite part) and causal entropy of one policy."""
-    Q, V = soft_values(task, policy)
-    occ = occupancy(task, policy)
+def summary(task: Task, policy: Policy, delta: float = 1.0,
+            values: tuple[list[np.ndarray], list[np.ndarray]] | None = None) -> dict:
+    """Success, return, incoherence (and its finite part) and causal entropy of one policy.
+
+    ``values`` may pass in ``soft_values(task, policy)`` when the caller already has them.
+    """
+    Q, V = soft_values(task, policy) if values is None else values
+    occ, ret, ent = _forward(task, policy)
     terms = incoherence_terms(task, policy, delta, Q)
-    return {"success": _success_from_values(task, V),
-            "return": expected_return(task, policy, occ),
+    return {"success": _success_from_values(task, V), "return": ret,
             "incoherence": _weigh(occ, terms, False),
-            "incoherence_finite_part": _weigh(occ, terms, True),
-            "causal_entropy": causal_entropy(task, policy, occ)}
+            "incoherence_finite_part": _weigh(occ, terms, True), "causal_entropy": ent}
+
+
+def summarised_sequence(task: Task, kind: str, steps: int, delta: float = 1.0):
+    """Yield ``(k, policy, summary)`` along a sequence; retrain reuses each Q for the next G."""
+    if kind != "retrain":
+        for k, pi in enumerate(sequence(task, kind, steps)):
+            yield k, pi, summary(task, pi, delta)
+        return
+    pi = prior_policy(task)
+    for k in range(steps + 1):
+        values = soft_values(task, pi)
+        yield k, pi, summary(task, pi, delta, values)
+        pi = _condition(task, pi, values[0])
 
 
 def analyse(task: Task, steps: int = 4, delta: float = 1.0, policies: bool = True,
@@ -330,8 +323,7 @@ def analyse(task: Task, steps: int = 4, delta: float = 1.0, policies: bool = Tru
               "optimal_success": optimal_success(task), "sequences": {}}
     for kind in kinds:
         entries = []
-        for k, pi in enumerate(sequence(task, kind, steps)):
-            s = summary(task, pi, delta)
+        for k, pi, s in summarised_sequence(task, kind, steps, delta):
             entry = {"k": k, "success": s["success"], "return": json_number(s["return"]),
                      "incoherence": json_number(s["incoherence"]),
                      "causal_entropy": s["causal_entropy"]}

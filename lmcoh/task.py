@@ -24,12 +24,14 @@ from functools import cached_property
 
 import numpy as np
 
+from .segments import Segments
+
 
 class TaskError(ValueError):
     """A task that cannot be loaded or built; the message is one line for the user."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Layer:
     """The reachable non-terminal states at one decision step and their actions, flattened.
 
@@ -44,6 +46,18 @@ class Layer:
     seg: np.ndarray
     trans: np.ndarray
     trans_start: np.ndarray
+    trans_next: np.ndarray
+    trans_logp: np.ndarray
+
+    @cached_property
+    def by_state(self) -> Segments:
+        """The actions grouped by owning state."""
+        return Segments(np.diff(self.start))
+
+    @cached_property
+    def by_action(self) -> Segments:
+        """The transitions grouped by action."""
+        return Segments(np.diff(self.trans_start))
 
 
 @dataclass(frozen=True, eq=False)
@@ -115,8 +129,9 @@ class Task:
         counts = hi - lo
         actions = _ranges(lo, hi)
         tlo, thi = self.trans_ptr[actions], self.trans_ptr[actions + 1]
+        trans = _ranges(tlo, thi)
         return Layer(states, actions, _offsets(counts), np.repeat(np.arange(len(states)), counts),
-                     _ranges(tlo, thi), _offsets(thi - tlo))
+                     trans, _offsets(thi - tlo), self.trans_next[trans], _log(self.trans_prob[trans]))
 
     @cached_property
     def recurring(self) -> bool:
@@ -197,6 +212,11 @@ class Task:
         return {"name": self.name, "description": self.description, "horizon": self.horizon,
                 "timeout_logq": self.timeout_logq, "start": start, "states": states,
                 "terminals": terminals}
+
+
+def _log(x: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.log(x)
 
 
 def _offsets(counts: np.ndarray) -> np.ndarray:
