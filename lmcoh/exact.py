@@ -62,15 +62,34 @@ def _backup(task: Task, combine: Callable[[int, np.ndarray], np.ndarray], reward
     V: list[np.ndarray] = [np.zeros(0)] * task.horizon
     for t in reversed(range(task.horizon)):
         layer = task.layers[t]
-        cont = layer.trans_logp + v[layer.trans_next]
-        if layer.by_action.width != 1:
-            cont = layer.by_action.logsumexp(cont)
+        if t == task.horizon - 1:
+            cont = _last_continuation(task, reward_scale)
+        else:
+            cont = _continuation(layer, v)
         q = _scaled(task.action_logq[layer.actions], reward_scale) + cont
         if bonus is not None:
             q = q + bonus[t]
         Q[t], V[t] = q, combine(t, q)
         v[layer.states] = V[t]
     return Q, V
+
+
+def _continuation(layer, v: np.ndarray) -> np.ndarray:
+    """log E_{s' ~ tau(.|s, a)} exp v(s') for every action of the layer."""
+    cont = layer.trans_logp + v[layer.trans_next]
+    return cont if layer.by_action.width == 1 else layer.by_action.logsumexp(cont)
+
+
+def _last_continuation(task: Task, reward_scale: float) -> np.ndarray:
+    """The last step's continuation values depend only on the reward scale: cache them,
+    since the last layer is usually the largest (3/4 of a tree's transitions)."""
+    cache = task.oracle_cache.setdefault("last_continuation", {})
+    if reward_scale not in cache:
+        v = np.where(task.terminal, _scaled(task.terminal_logq, reward_scale),
+                     _scaled(task.timeout_logq, reward_scale))
+        cache.clear()  # keep one scale: sequences ask for the same scale many times in a row
+        cache[reward_scale] = _continuation(task.layers[-1], v)
+    return cache[reward_scale]
 
 
 def soft_values(task: Task, policy: Policy, reward_scale: float = 1.0,
@@ -161,12 +180,27 @@ def _expect(weights: np.ndarray, values: np.ndarray) -> float:
     return float(np.sum(weights[live] * values[live]))
 
 
+def _action_outcomes(task: Task, t: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per action of layer t: expected log q collected on the step (own q plus terminal q
+    reached; -inf if a q = 0 outcome is possible) and the probability of not terminating."""
+    cache = task.oracle_cache.setdefault("action_outcomes", {})
+    if t not in cache:
+        layer = task.layers[t]
+        prob = np.exp(layer.trans_logp)
+        term = task.terminal[layer.trans_next]
+        r = np.where(term, task.terminal_logq[layer.trans_next], 0.0)
+        with np.errstate(invalid="ignore"):
+            expected = layer.by_action.sum(np.where(prob > 0, prob * r, 0.0))
+        reward = task.action_logq[layer.actions] + expected
+        cache[t] = (reward, layer.by_action.sum(np.where(term, 0.0, prob)))
+    return cache[t]
+
+
 def _forward(task: Task, policy: Policy) -> tuple[list[np.ndarray], float, float]:
     """One pass forward in time: occupancy d_pi^t, return J(pi) and causal entropy H(pi)."""
     mass = np.where(task.terminal, 0.0, task.start_prob)
     start_term = task.terminal & (task.start_prob > 0)
     ret = _expect(task.start_prob[start_term], task.terminal_logq[start_term])
-    term_r = np.where(task.terminal, task.terminal_logq, 0.0)
     occ, ent, alive = [], 0.0, 0.0
     for t, layer in enumerate(task.layers):
         d = mass[layer.states]
@@ -175,13 +209,14 @@ def _forward(task: Task, policy: Policy) -> tuple[list[np.ndarray], float, float
         flow = layer.by_state.repeat(d) * p
         with np.errstate(divide="ignore", invalid="ignore"):
             ent -= float(np.sum(np.where(flow > 0, flow * np.log(p), 0.0)))
-        ret += _expect(flow, task.action_logq[layer.actions])
-        w = layer.by_action.repeat(flow)
-        w = w * np.exp(layer.trans_logp)
-        ret += _expect(w, term_r[layer.trans_next])
-        mass = np.bincount(layer.trans_next, weights=w, minlength=task.n_states)
-        mass[task.terminal] = 0.0
-    alive = float(mass.sum())
+        reward, stay = _action_outcomes(task, t)
+        ret += _expect(flow, reward)
+        if t == task.horizon - 1:
+            alive = float(np.dot(flow, stay))
+        else:
+            w = layer.by_action.repeat(flow) * np.exp(layer.trans_logp)
+            mass = np.bincount(layer.trans_next, weights=w, minlength=task.n_states)
+            mass[task.terminal] = 0.0
     if alive > 0:
         ret += alive * task.timeout_logq
     return occ, float(ret), ent

@@ -134,6 +134,11 @@ class Task:
                      trans, _offsets(thi - tlo), self.trans_next[trans], _log(self.trans_prob[trans]))
 
     @cached_property
+    def oracle_cache(self) -> dict:
+        """Scratch space for the exact oracle's policy-independent intermediate arrays."""
+        return {}
+
+    @cached_property
     def recurring(self) -> bool:
         """True when some state is reachable at more than one decision step."""
         seen = np.concatenate([layer.states for layer in self.layers])
@@ -150,7 +155,7 @@ class Task:
     # ---- construction from a validated, normalised spec ------------------------------------
     @classmethod
     def from_spec(cls, spec: dict, source: str = "") -> "Task":
-        """Build from the normalised dict form (see `tasks.normalise`).
+        """Build from the normalised dict form (see `lmcoh.taskfile.parse`).
 
         ``spec = {name, description, horizon, timeout_logq, start: {state: prob},
         states: {name: {text, actions: {action: {next: {state: prob}, logq, prior}}}},

@@ -1,0 +1,5 @@
+"""`python -m lmcoh` runs the `lmcoh` command line."""
+
+from .cli import main
+
+raise SystemExit(main())
