@@ -131,6 +131,15 @@ def _jsonable(x):
     return x
 
 
+def _cmd_study(args: argparse.Namespace) -> None:
+    from . import study, study_report
+
+    cfg = study.StudyConfig(tasks=args.tasks or [], seed=args.seed, quick=args.quick, runs=args.runs or [])
+    result = study.run_study(cfg, progress=lambda line: print(f"study: {line}", file=sys.stderr, flush=True))
+    out = study_report.write(_jsonable(result), args.out)
+    print(f"{out}/report.md: " + "; ".join(f"{s['id']} {s['verdict']}" for s in result["sections"]))
+
+
 # ---- language-model commands ---------------------------------------------------------------------
 # pretrain, evaluate, sample, study: each is a `_cmd_NAME(args)` here plus a parser block in
 # `build_parser` below; import torch / transformers / lmcoh's model modules inside the handler.
@@ -173,6 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--no-policies", action="store_true", help="leave the policies out of the JSON")
     p.set_defaults(handler=_cmd_exact)
+
+    p = sub.add_parser("study", help="check every claim of the paper on exact numbers; write a report")
+    p.add_argument("--tasks", nargs="+", metavar="TASK",
+                   help="tasks to study instead of the built-in tasks and generated families")
+    p.add_argument("--out", default="outputs/study", help="output directory (default outputs/study)")
+    p.add_argument("--seed", type=_nonnegative_int, default=0, help="seed of the generated tasks (default 0)")
+    p.add_argument("--runs", nargs="+", metavar="DIR", help="self-training output directories to compare")
+    p.add_argument("--quick", action="store_true", help="fewer and smaller tasks (a few seconds)")
+    p.set_defaults(handler=_cmd_study)
 
     # Language-model subcommands (pretrain, evaluate, sample, study) are added here.
     return parser

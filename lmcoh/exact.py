@@ -265,9 +265,12 @@ def incoherence_terms(task: Task, policy: Policy, delta: float = 1.0,
     Q = soft_values(task, policy)[0] if Q is None else Q
     out = []
     for p, q, layer in zip(policy, Q, task.layers):
-        pd = layer.by_state.softmax(q / delta, p)
+        # log pi^delta in log space: exp(Q/delta) underflows for Q gaps above ~745 delta
+        z = q / delta
+        lz = layer.by_state.repeat(layer.by_state.logsumexp(z))
         with np.errstate(divide="ignore", invalid="ignore"):
-            terms = np.where(p > 0, p * (np.log(p) - np.log(pd)), 0.0)
+            log_pd = np.where(np.isfinite(lz), z - lz, np.log(p))
+            terms = np.where(p > 0, p * (np.log(p) - log_pd), 0.0)
         out.append(layer.by_state.sum(terms))
     return out
 
