@@ -19,14 +19,10 @@ from typing import Callable
 import numpy as np
 
 from .task import Task
+from .task import safe_log as _log
 
 Policy = list[np.ndarray]
 SEQUENCES = ("retrain", "temperature", "fold", "fold_ratio", "cumulative")
-
-
-def _log(x: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore"):
-        return np.log(x)
 
 
 def _scaled(logq: np.ndarray | float, alpha: float) -> np.ndarray:

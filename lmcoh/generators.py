@@ -18,6 +18,7 @@ from collections import deque
 import numpy as np
 
 from .task import Task, TaskError
+from .task import safe_log as _log
 
 GENERATORS = ("random-tree", "gridworld", "gym")
 EXAMPLES = (
@@ -161,11 +162,6 @@ def random_tree(T: int = 6, A: int = 3, seed: int = 0, stochastic: bool = False,
         trans_ptr=trans_ptr, trans_next=trans_next, trans_prob=trans_prob,
         description=f"A random {A}-ary tree of depth {T}" + (" with stochastic moves." if stochastic else "."),
         source=name)
-
-
-def _log(q: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore"):
-        return np.log(q)
 
 
 # ---- gridworld -----------------------------------------------------------------------------

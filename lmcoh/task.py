@@ -131,7 +131,7 @@ class Task:
         tlo, thi = self.trans_ptr[actions], self.trans_ptr[actions + 1]
         trans = _ranges(tlo, thi)
         return Layer(states, actions, _offsets(counts), np.repeat(np.arange(len(states)), counts),
-                     trans, _offsets(thi - tlo), self.trans_next[trans], _log(self.trans_prob[trans]))
+                     trans, _offsets(thi - tlo), self.trans_next[trans], safe_log(self.trans_prob[trans]))
 
     @cached_property
     def oracle_cache(self) -> dict:
@@ -219,7 +219,8 @@ class Task:
                 "terminals": terminals}
 
 
-def _log(x: np.ndarray) -> np.ndarray:
+def safe_log(x: np.ndarray) -> np.ndarray:
+    """log with log 0 = -inf and no warning (success probabilities of 0 are ordinary here)."""
     with np.errstate(divide="ignore"):
         return np.log(x)
 
