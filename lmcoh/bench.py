@@ -53,7 +53,195 @@ def bench_exact(depths=(6, 7, 8, 9, 10), steps: int = 8) -> dict:
     return {"rows": rows, "target_met": ok}
 
 
-SECTIONS = {"exact": bench_exact}
+def _naive_tabulate(model, task, codec, goal, contexts, device, per_action: bool) -> None:
+    """The baselines: a loop over histories, one forward per history over its legal actions
+    (``per_action=False``) or one forward per (history, action) - no batching across
+    histories, no cache."""
+    import torch
+
+    for states, actions in contexts:
+        prompt = codec.prompt(goal, states, actions)
+        cands = [list(codec.actions[a]) for a in task.actions_of(states[-1])]
+        for group in ([[c] for c in cands] if per_action else [cands]):
+            width = max(len(c) for c in group)
+            ids = torch.tensor([prompt + c + [0] * (width - len(c)) for c in group], device=device)
+            with torch.inference_mode():
+                logp = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
+            for row, c in enumerate(group):
+                sum(float(logp[row, len(prompt) - 1 + j, tok]) for j, tok in enumerate(c))
+
+
+def _naive_rollouts(model, task, codec, goal, n, seed, device) -> None:
+    """The baseline: one episode at a time, each action by `model.generate` restricted to the
+    legal action strings through the token trie, the whole transcript re-read at every step."""
+    import numpy as np
+    import torch
+
+    from .episodes import step_environment
+
+    rng = np.random.default_rng(seed)
+    eoa = codec.actions[0][-1]
+    torch.manual_seed(seed)
+    for _ in range(n):
+        s = int(rng.choice(task.n_states, p=task.start_prob))
+        states, actions = [s], []
+        for t in range(task.horizon):
+            prompt = codec.prompt(goal, states, actions)
+            legal = {codec.actions[a]: a for a in task.actions_of(s)}
+            width = max(len(c) for c in legal)
+
+            def allowed(_, ids, n_prompt=len(prompt), legal=legal):
+                done = tuple(ids[n_prompt:].tolist())
+                return sorted({c[len(done)] for c in legal if c[:len(done)] == done and len(c) > len(done)})
+
+            with torch.inference_mode():
+                out = model.generate(torch.tensor([prompt], device=device), do_sample=True,
+                                     max_new_tokens=width, eos_token_id=eoa, pad_token_id=0,
+                                     prefix_allowed_tokens_fn=allowed)
+            a = legal[tuple(out[0, len(prompt):].tolist())]
+            actions.append(a)
+            s = step_environment(task, s, a, rng)
+            states.append(s)
+            if task.terminal[s]:
+                break
+
+
+def bench_lm(tab_task: str = "random-tree:T=5,A=3,stochastic=1", roll_task: str = "random-tree:T=5,A=3,stochastic=1",
+             naive_histories: int = 200, episodes: int = 4096, naive_episodes: int = 30,
+             pretrain_task: str | None = "mountain_race") -> dict:
+    """Tabulation and rollout throughput against naive loops; pretraining time of the default model.
+
+    Targets (issue 4): tabulation and rollouts each at least 20x faster than the naive loop.
+    Models are the default ("tiny") size, randomly initialised: speed does not depend on weights.
+    """
+    import tempfile
+
+    import torch
+
+    from . import policy, rollout
+    from .library import load_task
+    from .model import MODEL_SIZES, LoadedModel, build_tokenizer, default_device, new_llama
+    from .pretrain import pretrain
+
+    device = default_device()
+    print(f"language model: device {device}, {torch.get_num_threads()} CPU threads, float32, "
+          f"default ('tiny') Llama {MODEL_SIZES['tiny']}")
+
+    def tiny(task):
+        tokenizer = build_tokenizer(task)
+        return LoadedModel(new_llama(tokenizer, **MODEL_SIZES["tiny"]).to(device).eval(), tokenizer, {}, device)
+
+    out = {"device": device, "threads": torch.get_num_threads()}
+    task = load_task(tab_task)
+    lm = tiny(task)
+    codec = policy.Codec(lm.tokenizer, task)
+    policy.tabulate(lm, task)  # warm up
+    t0 = time.perf_counter()
+    table = policy.tabulate(lm, task, batch_size=512)
+    fast = table.histories / (time.perf_counter() - t0)
+    sample = _some_histories(task, naive_histories)
+    naive = {}
+    for per_action in (True, False):
+        t0 = time.perf_counter()
+        _naive_tabulate(lm.model, task, codec, "success", sample, device, per_action)
+        naive[per_action] = len(sample) / (time.perf_counter() - t0)
+    out["tabulate"] = {"task": tab_task, "histories": table.histories, "histories_per_s": fast,
+                       "naive_histories_per_s": naive[True], "speedup": fast / naive[True],
+                       "naive_batched_actions_histories_per_s": naive[False],
+                       "speedup_vs_batched_actions": fast / naive[False]}
+
+    task = load_task(roll_task)
+    lm = tiny(task)
+    codec = policy.Codec(lm.tokenizer, task)
+    rollout.sample_episodes(lm, task, 256, progress=False)  # warm up
+    t0 = time.perf_counter()
+    rollout.sample_episodes(lm, task, episodes, progress=False)
+    fast = episodes / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    _naive_rollouts(lm.model, task, codec, "success", naive_episodes, 0, device)
+    naive = naive_episodes / (time.perf_counter() - t0)
+    out["rollout"] = {"task": roll_task, "episodes": episodes, "episodes_per_s": fast,
+                      "naive_episodes_per_s": naive, "speedup": fast / naive}
+
+    if pretrain_task:
+        with tempfile.TemporaryDirectory(prefix="lmcoh-bench-") as tmp:
+            t0 = time.perf_counter()
+            pretrain(load_task(pretrain_task), f"{tmp}/model")
+            out["pretrain"] = {"task": pretrain_task, "seconds": time.perf_counter() - t0}
+
+    tab, roll = out["tabulate"], out["rollout"]
+    print(f"tabulation task {tab_task} ({tab['histories']} histories), rollout task {roll_task}")
+    print(f"{'measurement':<66} {'lmcoh':>8} {'naive':>8} {'speedup':>8}")
+    print(f"{'tabulation, histories/s; naive: a forward per (history, action)':<66} "
+          f"{tab['histories_per_s']:>8.0f} {tab['naive_histories_per_s']:>8.1f} {tab['speedup']:>7.1f}x")
+    print(f"{'tabulation, histories/s; naive: a forward per history':<66} {tab['histories_per_s']:>8.0f} "
+          f"{tab['naive_batched_actions_histories_per_s']:>8.1f} {tab['speedup_vs_batched_actions']:>7.1f}x")
+    print(f"{'rollouts, episodes/s; naive: model.generate per episode':<66} {roll['episodes_per_s']:>8.0f} "
+          f"{roll['naive_episodes_per_s']:>8.1f} {roll['speedup']:>7.1f}x")
+    if pretrain_task:
+        print(f"{'pretraining, default model on ' + pretrain_task + ', seconds':<66} "
+              f"{out['pretrain']['seconds']:>8.1f}")
+    ok = tab["speedup"] >= 20 and roll["speedup"] >= 20
+    print(f"target: tabulation and rollouts at least 20x faster than the naive loops: "
+          f"{'met' if ok else 'NOT met'}")
+    out["target_met"] = ok
+    return out
+
+
+def _some_histories(task, n, seed=0):
+    """``n`` reachable histories drawn uniformly (seeded) from all of them."""
+    import numpy as np
+
+    frontier = [([int(s)], []) for s in (task.start_prob > 0).nonzero()[0] if not task.terminal[s]]
+    found = []
+    while frontier:
+        found += frontier
+        frontier = [(states + [nxt], actions + [a]) for states, actions in frontier
+                    for a in task.actions_of(states[-1]) for nxt, _ in task.successors(a)
+                    if not task.terminal[nxt] and len(states) < task.horizon]
+    pick = np.random.default_rng(seed).choice(len(found), size=min(n, len(found)), replace=False)
+    return [found[i] for i in pick]
+
+
+def bench_selftrain(config: str = "recipes/configs/mountain_race.yaml", rounds: int = 2) -> dict:
+    """Seconds per self-training round split into sampling, training and evaluation.
+
+    The recipe's config with a freshly initialised default-size model (speed does not depend on
+    the weights) in label mode, so every sampled episode is trained on: the most work per round.
+    """
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    from .library import load_task
+    from .model import MODEL_SIZES, build_tokenizer, default_device, new_llama, save_model
+    from .selftrain import SelfTrainConfig, main as self_train
+
+    settings = yaml.safe_load(Path(config).read_text())
+    task = load_task(settings["task"])
+    with tempfile.TemporaryDirectory(prefix="lmcoh-bench-") as tmp:
+        tokenizer = build_tokenizer(task)
+        save_model(new_llama(tokenizer, **MODEL_SIZES["tiny"]), tokenizer, f"{tmp}/model", {})
+        cfg = SelfTrainConfig(**{**settings, "model": f"{tmp}/model", "output_dir": f"{tmp}/run",
+                                 "rounds": rounds, "mode": "label", "progress": False})
+        self_train(cfg)
+        rows = [json.loads(line) for line in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if r["round"] > 0]
+    print(f"self-training: {settings['task']}, {cfg.episodes_per_round} episodes/round, "
+          f"{cfg.num_train_epochs} epochs, device {default_device()}")
+    print(f"{'round':>5} {'sample s':>9} {'train s':>8} {'eval s':>7} {'total s':>8}")
+    for r in rows:
+        total = r["sample_seconds"] + r["train_seconds"] + r["eval_seconds"]
+        print(f"{r['round']:>5} {r['sample_seconds']:>9.2f} {r['train_seconds']:>8.2f} "
+              f"{r['eval_seconds']:>7.2f} {total:>8.2f}")
+    mean = {k: sum(r[k] for r in trained) / len(trained)
+            for k in ("sample_seconds", "train_seconds", "eval_seconds")}
+    return {"task": settings["task"], "episodes_per_round": cfg.episodes_per_round,
+            "device": default_device(), "rounds": rows, "mean_per_round": mean}
+
+
+SECTIONS = {"exact": bench_exact, "lm": bench_lm, "selftrain": bench_selftrain}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -144,6 +144,79 @@ def _cmd_study(args: argparse.Namespace) -> None:
 # pretrain, evaluate, sample, study: each is a `_cmd_NAME(args)` here plus a parser block in
 # `build_parser` below; import torch / transformers / lmcoh's model modules inside the handler.
 
+def _load_for_task(args: argparse.Namespace):
+    """The task, then the model (and adapter) checked against it: cheap errors first."""
+    from .library import load_task
+    from .model import check_task_fits, load_model
+
+    task = load_task(args.task)
+    loaded = load_model(args.model, adapter=args.adapter)
+    check_task_fits(loaded, task)
+    return task, loaded, args.prompt or loaded.meta.get("prompt_mode", "history")
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> None:
+    from .library import load_task
+    from .pretrain import pretrain
+
+    task = load_task(args.task)
+    out = pretrain(task, args.out, episodes=args.episodes, epochs=args.epochs, seed=args.seed, base=args.base,
+                   model_size=args.model_size, learning_rate=args.learning_rate, batch_size=args.batch_size,
+                   none_share=args.none_share, progress=not args.quiet)
+    print(f"{out}: prior for {task.name} ({args.episodes} episodes, {args.epochs:g} epochs, seed {args.seed})",
+          file=sys.stderr)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from . import metrics
+
+    task, loaded, mode = _load_for_task(args)
+    result = metrics.evaluate(loaded, task, goal=args.goal, temperature=args.temperature, mode=mode,
+                              delta=args.delta, max_histories=args.max_histories, seed=args.seed,
+                              batch_size=args.batch_size, mc_episodes=args.mc_episodes,
+                              progress=not args.json)
+    if args.json:
+        print(json.dumps(_jsonable(result), allow_nan=False))
+        return
+    how = (f"exact over {result['histories']} histories" if result["exact"] else
+           f"Monte Carlo over {result['episodes']} episodes ({result['histories']} histories)")
+    print(f"{task.name}: goal {args.goal}, temperature {args.temperature:g}, {mode} prompts, {how}")
+    ci = f" +- {result['success_ci']:.4f}" if not result["exact"] else ""
+    print(f"  success {result['success']:.6f}{ci}   return {result['return']}   "
+          f"incoherence {result['incoherence']} (finite part {result['incoherence_finite_part']:.6g})")
+    tokens = result["token_incoherence"]
+    print(f"  token incoherence {tokens['total']}, by position: "
+          + " ".join(f"{x:.4g}" if isinstance(x, float) else x for x in tokens["by_position"]))
+    print("  TV to G^k(p), k = 0..4: " + " ".join(f"{x:.4f}" for x in result["tv_to_retrain"]))
+    print("  policy:")
+    width = max(len(k) for k in result["policy"])
+    for key, row in result["policy"].items():
+        print(f"    {key:<{width}}  " + "  ".join(f"{a} {p:.4f}" for a, p in row.items()))
+
+
+def _cmd_sample(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from .rollout import sample_episodes
+
+    out = os.path.abspath(args.out)
+    if os.path.isdir(out) or not os.path.isdir(os.path.dirname(out)):
+        raise ValueError(f"{args.out}: not a file in an existing directory")
+    task, loaded, mode = _load_for_task(args)
+    episodes = sample_episodes(loaded, task, args.n, goal=args.goal, seed=args.seed,
+                               temperature=args.temperature, batch_size=args.batch_size, mode=mode)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", dir=os.path.dirname(out))
+    try:
+        with os.fdopen(fd, "w") as f:
+            for episode in episodes:
+                f.write(json.dumps(_jsonable(episode.to_json(task)), allow_nan=False) + "\n")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    rate = sum(e.success for e in episodes) / max(len(episodes), 1)
+    print(f"{args.out}: {len(episodes)} episodes, sampled success rate {rate:.4f}", file=sys.stderr)
+
 
 # ---- parsing and errors --------------------------------------------------------------------------
 
@@ -151,6 +224,13 @@ def _nonnegative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
@@ -191,6 +271,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", nargs="+", metavar="DIR", help="self-training output directories to compare")
     p.add_argument("--quick", action="store_true", help="fewer and smaller tasks (a few seconds)")
     p.set_defaults(handler=_cmd_study)
+
+    from .pretrain import MODEL_SIZES, PretrainConfig  # numpy only: keeps `lmcoh exact` free of torch
+    defaults = PretrainConfig()
+    p = sub.add_parser("pretrain", help="train a small LM on the task's own episodes: the prior p")
+    p.add_argument("task", metavar="TASK", help=task_help)
+    p.add_argument("--out", required=True, metavar="DIR", help="the model directory to write")
+    p.add_argument("--episodes", type=_positive_int, default=defaults.episodes,
+                   help=f"episodes sampled under the prior, behind their outcome token (default {defaults.episodes})")
+    p.add_argument("--epochs", type=_positive_float, default=defaults.epochs,
+                   help=f"passes over the data (default {defaults.epochs:g})")
+    p.add_argument("--seed", type=_nonnegative_int, default=defaults.seed, help="seed (default 0)")
+    p.add_argument("--base", metavar="DIR", help="continue pretraining this model (with its own tokenizer)")
+    p.add_argument("--model-size", default=defaults.model_size, choices=MODEL_SIZES,
+                   help=f"size of a new model (default {defaults.model_size})")
+    p.add_argument("--learning-rate", type=_positive_float, default=defaults.learning_rate,
+                   help=f"peak learning rate (default {defaults.learning_rate:g})")
+    p.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
+                   help=f"sequences per step and device (default {defaults.batch_size})")
+    p.add_argument("--none-share", type=float, default=defaults.none_share,
+                   help="share of transcripts shown with no goal token (default 1/3)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_cmd_pretrain)
+
+    for name, help_text in (("evaluate", "tabulate an LM policy exactly and measure it with the oracle"),
+                            ("sample", "sample episodes from an LM policy with the environment in the loop")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("model", metavar="MODEL_DIR", help="an lmcoh or Hugging Face causal-LM directory")
+        p.add_argument("--task", required=True, help=task_help)
+        p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter directory to load on top of the model")
+        p.add_argument("--goal", choices=("success", "failure", "none"), default="success",
+                       help="the goal token the prompt starts with (default success)")
+        p.add_argument("--temperature", type=_positive_float, default=1.0, help="logit temperature (default 1)")
+        p.add_argument("--prompt", choices=("history", "markov"),
+                       help="history: the whole transcript; markov: only the current state and step "
+                            "(default: the model's own, else history)")
+        p.add_argument("--seed", type=_nonnegative_int, default=0, help="seed (default 0)")
+        p.add_argument("--batch-size", type=_positive_int, default=256,
+                       help="sequences per forward pass (default 256)")
+        if name == "evaluate":
+            p.add_argument("--delta", type=_positive_float, default=1.0, help="incoherence temperature (default 1)")
+            p.add_argument("--max-histories", type=_nonnegative_int, default=200_000,
+                           help="tabulate exactly up to this many histories, else Monte Carlo (default 200000)")
+            p.add_argument("--mc-episodes", type=_positive_int, default=4000,
+                           help="episodes for the Monte Carlo estimate (default 4000)")
+            p.add_argument("--json", action="store_true", help="print one JSON object")
+            p.set_defaults(handler=_cmd_evaluate)
+        else:
+            p.add_argument("-n", type=_nonnegative_int, required=True, help="number of episodes")
+            p.add_argument("--out", required=True, metavar="FILE.jsonl", help="where to write the episodes")
+            p.set_defaults(handler=_cmd_sample)
 
     # Language-model subcommands (pretrain, evaluate, sample, study) are added here.
     return parser

@@ -1,0 +1,119 @@
+"""What `lmcoh evaluate` reports about an LM policy: success, return, incoherence at the
+state and token level, and distance to the re-training sequence G^k(p). numpy only.
+
+Token-level incoherence. A state's actions are token sequences; they form a trie. Any
+distribution over the actions induces token conditionals at each trie node (the mass of a
+child's subtree over the node's mass), and by the chain rule
+
+    KL(pi || pi^delta) = sum_j E_{prefix of length j ~ pi} KL(pi(.|prefix) || pi^delta(.|prefix)).
+
+Both conditionals come from the action marginals (pi is the renormalised LM policy, which is
+exactly what rollouts sample), so the position terms add up to the state-level KL. Summed over
+states weighted by occupancy, ``by_position[j]`` is the incoherence spent at token j and the
+positions add up to kappa_delta.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import exact
+from .task import Task
+
+RETRAIN_STEPS = 4  # tv_to_retrain reports k = 0..RETRAIN_STEPS
+
+
+def token_terms(tokens: list[tuple[int, ...]], p: np.ndarray, pd: np.ndarray) -> list[float]:
+    """Per-token-position KL terms of KL(p || pd) for actions written as ``tokens``.
+
+    An action whose sequence is a proper prefix of another ends at an internal node; ending
+    there counts as one more child (the end symbol).
+    """
+    depth = max(len(seq) for seq in tokens)
+    terms = [0.0] * depth
+    for j in range(depth):
+        groups: dict[tuple, dict[object, list[float]]] = {}
+        for seq, a, b in zip(tokens, p, pd):
+            if len(seq) < j:
+                continue
+            child = seq[j] if len(seq) > j else None
+            node = groups.setdefault(seq[:j], {})
+            mass = node.setdefault(child, [0.0, 0.0])
+            mass[0] += a
+            mass[1] += b
+        for node in groups.values():
+            if len(node) == 1:
+                continue  # one way on: the conditional is 1 under both, the term is 0
+            total_p = sum(m[0] for m in node.values())
+            total_d = sum(m[1] for m in node.values())
+            for cp, cd in node.values():
+                if cp > 0:
+                    terms[j] += (cp * (math.log(cp / total_p) - math.log(cd / total_d))
+                                 if cd > 0 else math.inf)
+    return terms
+
+
+def token_incoherence(task: Task, policy: exact.Policy, action_tokens: list[tuple[int, ...]],
+                      delta: float = 1.0, occ: list[np.ndarray] | None = None) -> dict:
+    """``{"total": kappa, "by_position": [sum over states of d(s) * position-j KL term]}``."""
+    occ = exact.occupancy(task, policy) if occ is None else occ
+    target = exact.boltzmann_policy(task, policy, delta)
+    by_position: list[float] = []
+    for t, layer in enumerate(task.layers):
+        for i in np.flatnonzero(occ[t] > 0):
+            lo, hi = layer.start[i], layer.start[i + 1]
+            acts = layer.actions[lo:hi]
+            terms = token_terms([action_tokens[a] for a in acts], policy[t][lo:hi], target[t][lo:hi])
+            by_position += [0.0] * (len(terms) - len(by_position))
+            for j, x in enumerate(terms):
+                if x:
+                    by_position[j] += occ[t][i] * x
+    total = math.inf if any(math.isinf(x) for x in by_position) else float(sum(by_position))
+    return {"total": total, "by_position": by_position}
+
+
+def tv_to(task: Task, policy: exact.Policy, targets: list[exact.Policy],
+          occ: list[np.ndarray] | None = None) -> list[float]:
+    """Visit-weighted TV (under ``policy``'s own normalised visits) to each target policy."""
+    occ = exact.occupancy(task, policy) if occ is None else occ
+    return [exact.tv_distance(task, policy, target, occ) for target in targets]
+
+
+def report(task: Task, lm, goal: str, delta: float = 1.0) -> dict:
+    """The `lmcoh evaluate --json` object for a tabulated LM policy (`policy.LMPolicy`)."""
+    pi = lm.policy
+    occ = exact.occupancy(task, pi)
+    state = exact.summary(task, pi, delta)
+    tokens = token_incoherence(task, pi, lm.action_tokens, delta, occ)
+    num = exact.json_number
+    out = {"task": task.name, "goal": goal,
+           "success": float(lm.success),
+           "return": num(state["return"]),
+           "incoherence": num(state["incoherence"]),
+           "incoherence_finite_part": float(state["incoherence_finite_part"]),
+           "token_incoherence": {"total": num(tokens["total"]),
+                                 "by_position": [num(x) for x in tokens["by_position"]]},
+           "tv_to_retrain": tv_to(task, pi, exact.sequence(task, "retrain", RETRAIN_STEPS), occ),
+           "histories": int(lm.histories),
+           "exact": bool(lm.exact)}
+    if not lm.exact:
+        out["success_ci"] = float(lm.success_ci)
+        out["episodes"] = int(lm.episodes)
+    out["policy"] = exact.policy_table(task, pi)
+    return out
+
+
+def evaluate(loaded, task: Task, goal: str = "success", temperature: float = 1.0,
+             mode: str = "history", delta: float = 1.0, max_histories: int = 200_000, *,
+             seed: int = 0, batch_size: int = 256, mc_episodes: int = 4000,
+             progress: bool = False) -> dict:
+    """Tabulate ``loaded`` prompted with ``goal`` on ``task`` and `report` on it."""
+    from .policy import tabulate  # torch: only when a model is evaluated
+
+    lm = tabulate(loaded, task, goal, temperature, mode, max_histories, seed=seed,
+                  batch_size=batch_size, mc_episodes=mc_episodes, progress=progress)
+    out = report(task, lm, goal, delta)
+    out["temperature"], out["prompt"] = temperature, mode
+    return out

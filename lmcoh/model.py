@@ -1,0 +1,267 @@
+"""Build, load and save the language model and its tokenizer; LoRA adapters.
+
+A model directory is a normal Hugging Face directory (``config.json``, safetensors weights,
+tokenizer files), so ``AutoModelForCausalLM.from_pretrained`` reads it, plus ``lmcoh.json``:
+lmcoh's own metadata (the task it was trained for, the text format, how it was trained).
+Foreign directories (any local causal LM, e.g. GPT-2 with its BPE tokenizer) load too, with
+empty metadata. An adapter directory holds a peft LoRA adapter, the tokenizer and an
+``lmcoh.json`` that fingerprints the base model the adapter was trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerFast)
+from transformers.utils import logging as hf_logging
+
+from .task import Task
+from .text import GOAL_TOKENS, SPECIAL_WORDS, action_chunk, state_chunk
+
+META_FILE = "lmcoh.json"
+TEXT_FORMAT = 1  # bump when lmcoh/text.py writes episodes differently
+BOS, EOS, PAD, UNK = "<bos>", "<eos>", "<pad>", "<unk>"
+
+
+class ModelError(Exception):
+    """A model that cannot be built, loaded or saved; the message is one line for the user."""
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerFast
+    meta: dict = field(default_factory=dict)  # lmcoh.json ({} for foreign models); adapter's under "adapter"
+    device: str = "cpu"
+    path: str = ""
+
+
+# ---- tokenizer and a fresh model -----------------------------------------------------------------
+
+def task_words(task: Task) -> list[str]:
+    """Every whitespace-separated word lmcoh's text format can write for ``task``, in first-seen order."""
+    words = dict.fromkeys(w for g in GOAL_TOKENS.values() for w in g.split())
+    words.update(dict.fromkeys(SPECIAL_WORDS))
+    words.update(dict.fromkeys(f"@{t}" for t in range(task.horizon)))
+    for s in range(task.n_states):
+        words.update(dict.fromkeys(state_chunk(task, s, 0).split()))
+    for name in dict.fromkeys(task.action_names):
+        words.update(dict.fromkeys(action_chunk(name).split()))
+    return list(words)
+
+
+def build_tokenizer(task: Task) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer for ``task``: one token per word of its text, ``<bos>`` prepended."""
+    vocab = {w: i for i, w in enumerate([PAD, BOS, EOS, UNK] + task_words(task))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   unk_token=UNK)
+
+
+def new_llama(tokenizer, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
+              intermediate_size: int | None = None, max_position_embeddings: int = 1024,
+              initializer_range: float = 0.02, seed: int = 0) -> LlamaForCausalLM:
+    """A freshly initialised (seeded) Llama-architecture causal LM sized for ``tokenizer``."""
+    if hidden_size % num_heads:
+        raise ModelError(f"hidden size {hidden_size} is not a multiple of the {num_heads} heads")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, num_key_value_heads=num_heads,
+        intermediate_size=intermediate_size or 4 * hidden_size,
+        max_position_embeddings=max_position_embeddings, initializer_range=initializer_range,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+# ---- loading ----------------------------------------------------------------------------------------
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(path_or_id: str, adapter: str | None = None, device: str | None = None,
+               offline: bool = True) -> LoadedModel:
+    """Load an lmcoh or any Hugging Face causal-LM directory (or a hub id) for inference.
+
+    Hub ids go to ``from_pretrained`` unchanged; with ``offline`` (or ``HF_HUB_OFFLINE=1``)
+    only the local cache is consulted. Never runs remote code.
+    """
+    device = device or default_device()
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            hint = " (it holds a LoRA adapter: pass it as --adapter)" if (path / "adapter_config.json").exists() else ""
+            raise ModelError(f"{path_or_id}: not a model directory (no config.json){hint}")
+        source, local_only = str(path), True
+    elif path.exists() or _looks_like_path(path_or_id):
+        raise ModelError(f"{path_or_id}: no such model directory")
+    else:
+        source, local_only = path_or_id, offline or _env_offline()
+    try:
+        with quiet_hf():
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+            model = AutoModelForCausalLM.from_pretrained(source, local_files_only=local_only)
+    except Exception as err:  # transformers raises many types; the user needs one line
+        if source == path_or_id and not path.exists():
+            raise ModelError(f"{path_or_id}: not a local model directory, and not in the local Hugging Face "
+                             f"cache{' (offline)' if local_only else ''}: {_first_line(err)}") from None
+        raise ModelError(f"{path_or_id}: cannot load model: {_first_line(err)}") from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelError(f"{path_or_id}: the tokenizer has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    meta = _read_meta(path) if path.is_dir() else {}
+    if adapter is not None:
+        model, meta["adapter"] = _attach_adapter(model, adapter, path_or_id)
+    model.to(device).eval()
+    return LoadedModel(model, tokenizer, meta, device, str(path_or_id))
+
+
+def _attach_adapter(model, adapter: str, base_name: str):
+    from peft import PeftModel
+
+    adir = Path(adapter).expanduser()
+    if not (adir / "adapter_config.json").is_file():
+        raise ModelError(f"{adapter}: not a LoRA adapter directory (no adapter_config.json)")
+    meta = _read_meta(adir)
+    expected = meta.get("base_fingerprint")
+    if expected is not None and expected != fingerprint(model):
+        raise ModelError(f"{adapter}: adapter was trained on another base model than {base_name}")
+    try:
+        return PeftModel.from_pretrained(model, str(adir)), meta
+    except Exception as err:
+        raise ModelError(f"{adapter}: adapter does not fit base model {base_name}: {_first_line(err)}") from None
+
+
+def fingerprint(model) -> str:
+    """A short hash of the base model's input embeddings (LoRA leaves them untouched)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    weight = base.get_input_embeddings().weight.detach()
+    head = weight.flatten()[:65536].to("cpu", torch.float32).numpy()
+    h = hashlib.sha256(f"{base.config.model_type}:{tuple(weight.shape)}".encode())
+    h.update(head.tobytes())
+    return h.hexdigest()[:16]
+
+
+@contextmanager
+def quiet_hf():
+    """Hide transformers' per-file progress bars (loading and writing weights) for a moment."""
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+def _read_meta(path: Path) -> dict:
+    try:
+        return json.loads((path / META_FILE).read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{path / META_FILE}: unreadable lmcoh metadata: {_first_line(err)}") from None
+
+
+def _looks_like_path(ref: str) -> bool:
+    """A reference that cannot be a hub id (``name`` or ``org/name``)."""
+    return not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", ref) or ref.startswith((".", "~"))
+
+
+def _env_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0][:300]
+
+
+# ---- saving -------------------------------------------------------------------------------------------
+
+def save_model(model, tokenizer, out_dir: str | Path, meta: dict) -> Path:
+    """Write ``model`` (or just its adapter, for a peft model), tokenizer and ``lmcoh.json``.
+
+    Atomic: everything goes to a temporary sibling directory that is renamed into place at the
+    end. An existing ``out_dir`` is replaced only if it is empty or a model/adapter directory.
+    """
+    out = check_out_dir(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        meta = {**meta, "text_format": TEXT_FORMAT}
+        if hasattr(model, "peft_config"):
+            meta["base_fingerprint"] = fingerprint(model)
+        with quiet_hf():
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            out.rename(old / "dir")
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except OSError as err:
+        raise ModelError(f"{out_dir}: cannot save model: {_first_line(err)}") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def check_out_dir(out_dir: str | Path) -> Path:
+    """``out_dir`` as a Path; `ModelError` if it exists and is not an empty or model directory."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "config.json").exists()
+                                               or (out / "adapter_config.json").exists())):
+        raise ModelError(f"{out_dir}: exists and is not a model directory; refusing to overwrite it")
+    return out
+
+
+# ---- adapters and task checks -----------------------------------------------------------------------
+
+def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.0):
+    """Wrap ``model`` in a trainable LoRA adapter on every linear layer (peft)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def check_task_fits(loaded: LoadedModel, task: Task) -> None:
+    """`ModelError` unless the tokenizer can write every state, action and goal text of ``task``.
+
+    A text fits when decoding its tokens gives it back (up to whitespace): a word-level
+    tokenizer built for another task fails on the words it maps to ``<unk>``.
+    """
+    states = sorted({int(s) for layer in task.layers for s in layer.states})
+    texts = ([state_chunk(task, s, 0) for s in states] + [f" @{t}" for t in range(task.horizon)]
+             + [action_chunk(a) for a in dict.fromkeys(task.action_names)]
+             + [g for g in GOAL_TOKENS.values() if g])
+    tok = loaded.tokenizer
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    for text, back in zip(texts, tok.batch_decode(ids)):
+        if back.split() != text.split():
+            raise ModelError(f"the tokenizer of {loaded.path or 'the model'} cannot write {text.strip()!r} "
+                             f"from task {task.name!r}; pretrain a model for this task (lmcoh pretrain)")

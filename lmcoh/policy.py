@@ -1,0 +1,416 @@
+"""A language model as a policy: exact action scoring and tabulation over histories.
+
+The model reads a prompt (lmcoh.text) and writes an action chunk `` ACTION <eoa>``. Its
+probability of legal action ``a`` in context ``h`` is
+
+    pi(a | h) = exp(log p(chunk(a) | h)) / sum over legal a' of exp(log p(chunk(a') | h)),
+
+the sum of the chunk's token log-probs (logits divided by the temperature first),
+renormalised over the legal actions, so the model can never choose an illegal action.
+
+Scoring is batched with one KV cache: a `Context` runs all prompts of a batch once
+(right-padded, explicit position ids), then the candidate actions of every row in one more
+forward on a copy of the cache expanded to one row per candidate. Rollouts (lmcoh.rollout)
+reuse the same `Context` and extend it with the chosen action and the next state.
+
+Because the transcript shows the whole history, the LM policy is a policy over histories.
+`tabulate` enumerates every reachable history step by step (all histories of one step
+batched), scores them, and aggregates pi(.|h) into one distribution per (step, state),
+weighting each history by its probability under the LM and the dynamics; beyond
+``max_histories`` it estimates the same table by Monte Carlo with confidence intervals.
+``mode="markov"`` prompts show only the current state and step, so the policy is Markov
+and one prompt per (step, state) suffices.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from . import exact
+from .task import Task, _ranges
+from .text import PROMPT_MODES, action_chunk, goal_prefix, state_chunk
+
+# ---- text -> token ids ---------------------------------------------------------------------------
+class Codec:
+    """Token ids of the text chunks of one task, tokenised once each.
+
+    Every chunk starts with a space (lmcoh.text), so a prompt's ids are the concatenation of
+    its chunks' ids, preceded by the BOS token when the tokenizer adds one.
+    """
+
+    def __init__(self, tokenizer, task: Task, mode: str = "history"):
+        if mode not in PROMPT_MODES:
+            raise ValueError(f"unknown prompt mode {mode!r}; choose one of {', '.join(PROMPT_MODES)}")
+        self.tokenizer, self.task, self.mode = tokenizer, task, mode
+        self.bos = _bos_ids(tokenizer)
+        self._cache: dict[str, list[int]] = {}
+        self.actions = [tuple(self.ids(action_chunk(name))) for name in task.action_names]
+
+    def ids(self, text: str) -> list[int]:
+        if text not in self._cache:
+            self._cache[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        return self._cache[text]
+
+    def encode(self, text: str) -> list[int]:
+        """A whole prompt string, as the model saw it in training."""
+        return self.bos + self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt(self, goal: str, states, actions) -> list[int]:
+        """Ids of ``lmcoh.text.prompt(task, goal, states, actions, mode)``."""
+        t = len(states) - 1
+        ids = self.bos + self.ids(goal_prefix(goal))
+        if self.mode == "markov":
+            return ids + self.ids(state_chunk(self.task, states[-1], t, "markov"))
+        for step, s in enumerate(states):
+            ids = ids + self.ids(state_chunk(self.task, s, step))
+            if step < len(actions):
+                ids = ids + list(self.actions[actions[step]])
+        return ids
+
+    def state(self, s: int, t: int) -> list[int]:
+        return self.ids(state_chunk(self.task, s, t, self.mode))
+
+
+def _bos_ids(tokenizer) -> list[int]:
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    with_specials = tokenizer("x", add_special_tokens=True)["input_ids"]
+    return [bos] if with_specials[:1] == [bos] else []
+
+
+# ---- a batch of contexts sharing one KV cache ---------------------------------------------------
+class Context:
+    """Token contexts of several rows with their KV cache and next-token log-probs.
+
+    Rows are right-padded; pads stay in the cache, masked out, so every query always sees at
+    least one real token and positions count real tokens only. Logits are computed only at
+    the positions that are scored (``logits_to_keep``), so a large vocabulary costs little.
+    """
+
+    def __init__(self, model, batch: int, temperature: float = 1.0):
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.model, self.temperature = model, float(temperature)
+        self.device = next(model.parameters()).device
+        self.cache = DynamicCache()
+        self.mask = torch.zeros(batch, 0, dtype=torch.long, device=self.device)
+        self.length = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.next_logp: torch.Tensor | None = None  # batch x vocab, at each row's last real token
+
+    def __len__(self) -> int:
+        return len(self.length)
+
+    def take(self, rows) -> "Context":
+        """A new context holding copies of ``rows`` (indices, repeats allowed), in that order."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        out = Context.__new__(Context)
+        out.model, out.temperature, out.device = self.model, self.temperature, self.device
+        out.cache = DynamicCache([(layer.keys.index_select(0, rows), layer.values.index_select(0, rows))
+                                  for layer in self.cache.layers])
+        out.mask, out.length = self.mask[rows], self.length[rows]
+        out.next_logp = None if self.next_logp is None else self.next_logp[rows]
+        return out
+
+    @torch.inference_mode()
+    def extend(self, chunks: list[list[int]], targets: list[tuple[int, ...]] | None = None
+               ) -> np.ndarray | None:
+        """Append ``chunks[i]`` (non-empty) to row i; update the cache and next-token log-probs.
+
+        With ``targets``, also return log p(targets[i] | the row's context before the call),
+        where each chunk continues its target: ``targets[i][:len(chunks[i])]`` is a prefix of
+        ``chunks[i]``, and a target may be one token longer than its chunk (its last token is
+        then read off the new next-token log-probs, without running it).
+        """
+        ids, new_mask, n = _pad(chunks, self.device)
+        col = torch.arange(ids.shape[1], device=self.device)[None, :]
+        last = col == (n - 1)[:, None]
+        scored = torch.zeros_like(last)
+        if targets is not None:  # position j predicts target token j + 1
+            k = torch.as_tensor([len(x) - 1 for x in targets], device=self.device)
+            scored = col < k[:, None]
+            tgt, _, _ = _pad([list(x[1:]) or [0] for x in targets], self.device)
+            tgt = torch.nn.functional.pad(tgt, (0, ids.shape[1] - tgt.shape[1]))
+        keep = last | scored
+        pos = _positions(self.length, new_mask)
+        self.mask = torch.cat([self.mask, new_mask], dim=1)
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos,
+                         cache=self.cache, use_cache=True, logits_to_keep=keep)
+        logits = out.logits if out.logits.dim() == 2 else out.logits[keep]
+        logp = torch.log_softmax(logits.float() / self.temperature, dim=-1)
+        flat = (torch.cumsum(keep.flatten(), 0) - 1).view(keep.shape)  # row of `logp` per position
+        result = None
+        if targets is not None:
+            first = torch.as_tensor([x[0] for x in targets], device=self.device)
+            total = self.next_logp[torch.arange(len(n), device=self.device), first].double()
+            r, c = scored.nonzero(as_tuple=True)
+            picked = logp[flat[r, c], tgt[r, c]].double()
+            result = total.index_add(0, r, picked).cpu().numpy()
+        self.cache = out.cache
+        self.next_logp = logp[flat[last]]
+        self.length = self.length + n
+        return result
+
+    def score(self, candidates: list[list[tuple[int, ...]]]) -> tuple[list[np.ndarray], "Context"]:
+        """log p(candidate | row) for each row's candidate token sequences (not renormalised),
+        and the context of every (row, candidate) continued by that candidate, flattened."""
+        rows = np.repeat(np.arange(len(candidates)), [len(c) for c in candidates])
+        flat = [list(c) for cands in candidates for c in cands]
+        branch = self.take(rows)
+        out = branch.extend(flat, targets=flat)
+        bounds = np.cumsum([0] + [len(c) for c in candidates])
+        return [out[a:b] for a, b in zip(bounds[:-1], bounds[1:])], branch
+
+
+def _pad(chunks: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n = np.fromiter((len(c) for c in chunks), dtype=np.int64, count=len(chunks))
+    ids = np.zeros((len(chunks), int(n.max())), dtype=np.int64)
+    mask = np.arange(ids.shape[1])[None, :] < n[:, None]
+    ids[mask] = np.fromiter((i for c in chunks for i in c), dtype=np.int64, count=int(n.sum()))
+    return (torch.from_numpy(ids).to(device), torch.from_numpy(mask.astype(np.int64)).to(device),
+            torch.from_numpy(n).to(device))
+
+
+def _positions(length: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of appended tokens: real ones continue each row, pads repeat the next slot."""
+    return length[:, None] + (torch.cumsum(new_mask, dim=1) - new_mask) * new_mask
+
+
+def renormalise(logp: np.ndarray) -> np.ndarray:
+    """Log-probabilities over the legal actions: subtract the log-sum-exp."""
+    m = logp.max()
+    return logp - (m + np.log(np.exp(logp - m).sum()))
+
+
+def score_contexts(model, contexts: list[list[int]], candidates: list[list[tuple[int, ...]]],
+                   temperature: float = 1.0, batch_size: int = 256) -> list[np.ndarray]:
+    """Renormalised log pi(a | context) for each context's candidates, ``batch_size`` at a time."""
+    out = []
+    for lo in range(0, len(contexts), batch_size):
+        ctx = Context(model, len(contexts[lo:lo + batch_size]), temperature)
+        ctx.extend(contexts[lo:lo + batch_size])
+        out.extend(renormalise(x) for x in ctx.score(candidates[lo:lo + batch_size])[0])
+    return out
+
+
+def action_logprobs(loaded, task: Task, prompts: list[str], states: list[int],
+                    temperature: float = 1.0, batch_size: int = 256) -> list[np.ndarray]:
+    """log pi(a | prompt) over the legal actions of ``states[i]`` (in ``task.actions_of`` order)."""
+    codec = Codec(loaded.tokenizer, task)
+    contexts = [codec.encode(p) for p in prompts]
+    candidates = [[codec.actions[a] for a in task.actions_of(s)] for s in states]
+    return score_contexts(loaded.model, contexts, candidates, temperature, batch_size)
+
+
+# ---- tabulation ----------------------------------------------------------------------------------
+@dataclass
+class LMPolicy:
+    """An LM policy as an `exact.Policy` per (step, state), aggregated over histories.
+
+    ``visits[t]`` is the visit weight of each layer state (its occupancy when exact, its
+    visit count under Monte Carlo); ``ci[t]`` the 95% half-width of each action probability
+    (zeros when exact). ``success`` is the LM's own success probability (over histories, so
+    it can differ from ``exact.success`` of the aggregated table for history prompts).
+    ``action_tokens[a]`` are the token ids of action a's chunk, for token-level incoherence.
+    """
+
+    policy: exact.Policy
+    visits: list[np.ndarray]
+    histories: int
+    exact: bool
+    success: float
+    success_ci: float
+    action_tokens: list[tuple[int, ...]]
+    ci: list[np.ndarray] = field(default_factory=list)
+    episodes: int = 0
+
+
+def count_histories(task: Task) -> int:
+    """Number of reachable histories (s_0, a_0, ..., s_t) over all decision steps t."""
+    count = np.where(task.terminal, 0.0, (task.start_prob > 0).astype(float))
+    total = 0.0
+    for layer in task.layers:
+        total += float(count[layer.states].sum())
+        per_action = count[task.action_state[layer.actions]]
+        lo, hi = task.trans_ptr[layer.actions], task.trans_ptr[layer.actions + 1]
+        idx = _ranges(lo, hi)
+        count = np.bincount(task.trans_next[idx], weights=np.repeat(per_action, hi - lo),
+                            minlength=task.n_states)
+        count[task.terminal] = 0.0
+    return int(total) if total < 2 ** 62 else 2 ** 62
+
+
+def tabulate(loaded, task: Task, goal: str = "success", temperature: float = 1.0,
+             mode: str = "history", max_histories: int = 200_000, *, batch_size: int = 256,
+             mc_episodes: int = 4000, seed: int = 0, progress: bool = False) -> LMPolicy:
+    """The LM policy over every reachable history, aggregated per (step, state)."""
+    goal_prefix(goal)
+    codec = Codec(loaded.tokenizer, task, mode)
+    if mode == "markov":
+        return _tabulate_markov(loaded.model, task, goal, codec, temperature, batch_size)
+    n = count_histories(task)
+    if n > max_histories:
+        return _monte_carlo(loaded, task, goal, temperature, mode, n, mc_episodes, seed,
+                            batch_size, progress, codec)
+    return _tabulate_histories(loaded.model, task, goal, codec, temperature, batch_size, n)
+
+
+def _candidates(task: Task, codec: Codec, states: np.ndarray) -> list[list[tuple[int, ...]]]:
+    return [[codec.actions[a] for a in task.actions_of(int(s))] for s in states]
+
+
+def _tabulate_markov(model, task, goal, codec, temperature, batch_size) -> LMPolicy:
+    policy = []
+    for t, layer in enumerate(task.layers):
+        contexts = [codec.prompt(goal, [int(s)] * (t + 1), []) for s in layer.states]
+        logp = score_contexts(model, contexts, _candidates(task, codec, layer.states),
+                              temperature, batch_size)
+        policy.append(np.exp(np.concatenate(logp)))
+    occ = exact.occupancy(task, policy)
+    return LMPolicy(policy, occ, sum(len(layer.states) for layer in task.layers), True,
+                    exact.success(task, policy), 0.0, codec.actions,
+                    [np.zeros_like(p) for p in policy])
+
+
+class _Tabulation:
+    """Depth-first walk over the history tree, a block of at most ``batch_size`` histories at a
+    time, each block carrying its KV cache. Expanding a block costs one forward per group of
+    children: every (history, action, next state) row appends the action chunk and the next
+    state's chunk to its parent's cache, and the same forward scores the action. So every token
+    of every history is run once, and all histories of one step go through in large batches.
+    """
+
+    def __init__(self, model, task: Task, goal: str, codec: Codec, temperature: float, batch_size: int):
+        self.model, self.task, self.goal, self.codec = model, task, goal, codec
+        self.temperature, self.batch_size = temperature, batch_size
+        self.mass = [np.zeros(len(layer.actions)) for layer in task.layers]
+        self.visits = [np.zeros(len(layer.states)) for layer in task.layers]
+        self.where = []
+        for layer in task.layers:
+            where = np.full(task.n_states, -1, dtype=np.int64)
+            where[layer.states] = np.arange(len(layer.states))
+            self.where.append(where)
+        self.success = 0.0
+
+    def run(self) -> None:
+        task = self.task
+        start = np.flatnonzero(task.start_prob > 0)
+        ends = task.terminal[start]
+        self.success += float(np.sum(task.start_prob[start[ends]] * np.exp(task.terminal_logq[start[ends]])))
+        start = start[~ends]
+        for lo in range(0, len(start), self.batch_size):
+            s = start[lo:lo + self.batch_size]
+            ctx = Context(self.model, len(s), self.temperature)
+            ctx.extend([self.codec.prompt(self.goal, [int(x)], []) for x in s])
+            self._expand(0, ctx, s, np.log(task.start_prob[s]), np.zeros(len(s)))
+
+    def _expand(self, t: int, ctx: Context, cur: np.ndarray, logw: np.ndarray, logq: np.ndarray) -> None:
+        task, layer = self.task, self.task.layers[t]
+        # (history, action) pairs, then one row per live next state (or one scoring-only row)
+        lo_a, hi_a = task.action_ptr[cur], task.action_ptr[cur + 1]
+        pair_row = np.repeat(np.arange(len(cur)), hi_a - lo_a)
+        pair_act = _ranges(lo_a, hi_a)
+        lo_t, hi_t = task.trans_ptr[pair_act], task.trans_ptr[pair_act + 1]
+        tr = _ranges(lo_t, hi_t)
+        tr_pair = np.repeat(np.arange(len(pair_act)), hi_t - lo_t)
+        nxt = task.trans_next[tr]
+        live = ~task.terminal[nxt] & (t + 1 < task.horizon)
+        lonely = np.ones(len(pair_act), dtype=bool)
+        lonely[tr_pair[live]] = False
+        # A scoring-only row need not run its action's last token: its log-prob is read off the
+        # logits of the token before.
+        row_pair = np.concatenate([tr_pair[live], np.flatnonzero(lonely)])
+        row_next = np.concatenate([nxt[live], np.full(int(lonely.sum()), -1)])
+        row_tau = np.concatenate([task.trans_prob[tr[live]], np.ones(int(lonely.sum()))])
+        action_ids = [self.codec.actions[a] for a in pair_act]
+        pair_logp = np.zeros(len(pair_act))
+        groups = []
+        for g in range(0, len(row_pair), self.batch_size):
+            pairs, nexts = row_pair[g:g + self.batch_size], row_next[g:g + self.batch_size]
+            chunks = [list(action_ids[p]) + self.codec.state(int(n), t + 1) if n >= 0
+                      else list(action_ids[p][:-1] or action_ids[p]) for p, n in zip(pairs, nexts)]
+            child = ctx.take(pair_row[pairs])
+            pair_logp[pairs] = child.extend(chunks, targets=[action_ids[p] for p in pairs])
+            groups.append((child, pairs, nexts, row_tau[g:g + self.batch_size]))
+        # renormalise over each history's actions; aggregate by visit weight
+        starts = np.concatenate([[0], np.cumsum(hi_a - lo_a)])
+        top = np.maximum.reduceat(pair_logp, starts[:-1])
+        norm = np.log(np.add.reduceat(np.exp(pair_logp - top[pair_row]), starts[:-1])) + top
+        logpi = pair_logp - norm[pair_row]
+        w = np.exp(logw)
+        idx = self.where[t][cur]
+        np.add.at(self.visits[t], idx, w)
+        slot = layer.start[idx][pair_row] + (pair_act - lo_a[pair_row])
+        np.add.at(self.mass[t], slot, w[pair_row] * np.exp(logpi))
+        # episodes that end here: a terminal, or out of decisions
+        pair_logw = logw[pair_row] + logpi
+        pair_logq = logq[pair_row] + task.action_logq[pair_act]
+        end = ~live
+        end_logq = np.where(task.terminal[nxt[end]], task.terminal_logq[nxt[end]], task.timeout_logq)
+        with np.errstate(divide="ignore"):
+            self.success += float(np.sum(np.exp(pair_logw[tr_pair[end]] + np.log(task.trans_prob[tr[end]])
+                                                + pair_logq[tr_pair[end]] + end_logq)))
+        # the children, group by group (depth first)
+        for child, pairs, nexts, tau in groups:
+            keep = np.flatnonzero(nexts >= 0)
+            if len(keep) == 0:
+                continue
+            p = pairs[keep]
+            self._expand(t + 1, child.take(keep) if len(keep) < len(child) else child, nexts[keep],
+                         pair_logw[p] + np.log(tau[keep]), pair_logq[p])
+
+    def result(self, n_histories: int) -> LMPolicy:
+        policy = []
+        for t, layer in enumerate(self.task.layers):
+            counts = np.diff(layer.start)
+            visit = np.repeat(self.visits[t], counts)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                policy.append(np.where(visit > 0, self.mass[t] / visit, 1.0 / np.repeat(counts, counts)))
+        return LMPolicy(policy, self.visits, n_histories, True, self.success, 0.0, self.codec.actions,
+                        [np.zeros_like(p) for p in policy])
+
+
+def _tabulate_histories(model, task, goal, codec, temperature, batch_size, n_histories) -> LMPolicy:
+    walk = _Tabulation(model, task, goal, codec, temperature, batch_size)
+    walk.run()
+    return walk.result(n_histories)
+
+
+def _monte_carlo(loaded, task, goal, temperature, mode, n_histories, episodes, seed,
+                 batch_size, progress, codec) -> LMPolicy:
+    """Estimate the aggregated table from sampled episodes, averaging the exact pi(.|h)."""
+    from .rollout import rollout
+
+    total = [np.zeros(len(layer.actions)) for layer in task.layers]
+    square = [np.zeros(len(layer.actions)) for layer in task.layers]
+    visits = [np.zeros(len(layer.states)) for layer in task.layers]
+    where = [{int(s): i for i, s in enumerate(layer.states)} for layer in task.layers]
+    success = []
+    for episode, dists in rollout(loaded, task, episodes, goal=goal, seed=seed,
+                                  temperature=temperature, batch_size=batch_size, mode=mode,
+                                  progress=progress, codec=codec):
+        success.append(episode.success_prob)
+        for t, (s, dist) in enumerate(zip(episode.states, dists)):
+            layer, i = task.layers[t], where[t][s]
+            lo, hi = layer.start[i], layer.start[i + 1]
+            total[t][lo:hi] += dist
+            square[t][lo:hi] += dist ** 2
+            visits[t][i] += 1
+    policy, ci = [], []
+    for t, layer in enumerate(task.layers):
+        counts = np.diff(layer.start)
+        n = np.repeat(visits[t], counts)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(n > 0, total[t] / n, 1.0 / np.repeat(counts, counts))
+            var = np.where(n > 1, (square[t] - n * mean ** 2) / (n - 1), np.inf)
+        policy.append(mean)
+        ci.append(1.96 * np.sqrt(np.maximum(var, 0.0) / np.maximum(n, 1)))
+    success = np.asarray(success)
+    half = 1.96 * float(success.std(ddof=1)) / math.sqrt(len(success)) if len(success) > 1 else math.inf
+    return LMPolicy(policy, visits, n_histories, False, float(success.mean()), half, codec.actions,
+                    ci, episodes)

@@ -1,0 +1,100 @@
+"""Batched rollouts of an LM policy with the environment in the loop.
+
+All live episodes of a batch step together on one KV cache (`lmcoh.policy.Context`): at each
+decision one forward scores every legal action of every live episode (the candidates' tokens
+through the token trie, teacher-forced on a copy of the cache), the action is drawn from the
+renormalised scores, so samples follow exactly the distribution `policy.tabulate` computes, and
+one more forward appends the chosen action and the next state's text to the cache. Episodes
+that end leave the batch.
+
+Randomness: episode i uses row i of one table of uniforms drawn from ``seed`` up front (start,
+then action and transition at each step, then the outcome), so results do not depend on the
+batch size and a run is reproducible.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from .episodes import Episode, _pick, episode_logq
+from .policy import Codec, Context, renormalise
+from .task import Task
+from .text import goal_prefix
+
+
+def sample_episodes(loaded, task: Task, n: int, *, goal: str = "success", seed: int = 0,
+                    temperature: float = 1.0, batch_size: int = 256, mode: str = "history",
+                    progress: bool = True) -> list[Episode]:
+    """``n`` episodes from the LM policy prompted with ``goal``, outcomes drawn w.p. prod q."""
+    return [episode for episode, _ in rollout(loaded, task, n, goal=goal, seed=seed,
+                                              temperature=temperature, batch_size=batch_size,
+                                              mode=mode, progress=progress)]
+
+
+def rollout(loaded, task: Task, n: int, *, goal: str = "success", seed: int = 0,
+            temperature: float = 1.0, batch_size: int = 256, mode: str = "history",
+            progress: bool = True, codec: Codec | None = None
+            ) -> Iterator[tuple[Episode, list[np.ndarray]]]:
+    """Each episode with the action distribution pi(.|h) it was drawn from at every step."""
+    goal_prefix(goal)
+    codec = Codec(loaded.tokenizer, task, mode) if codec is None else codec
+    uniforms = np.random.default_rng(seed).random((n, 2 * task.horizon + 2))
+    with tqdm(total=n, unit="ep", disable=not progress, desc="sampling") as bar:
+        for lo in range(0, n, batch_size):
+            yield from _batch(loaded.model, task, codec, goal, temperature,
+                              uniforms[lo:lo + batch_size], bar)
+
+
+def _batch(model, task: Task, codec: Codec, goal: str, temperature: float, u: np.ndarray,
+           bar) -> list[tuple[Episode, list[np.ndarray]]]:
+    n = len(u)
+    states = [[_pick(task.start_prob, u[i, 0])] for i in range(n)]
+    actions = [[] for _ in range(n)]
+    logprobs = [[] for _ in range(n)]
+    dists = [[] for _ in range(n)]
+    alive = [i for i in range(n) if not task.terminal[states[i][0]]]
+    bar.update(n - len(alive))
+    ctx = None
+    for t in range(task.horizon):
+        if not alive:
+            break
+        if ctx is None:
+            ctx = Context(model, len(alive), temperature)
+            ctx.extend([codec.prompt(goal, states[i], actions[i]) for i in alive])
+        cur = [states[i][-1] for i in alive]
+        scores, branch = ctx.score([[codec.actions[a] for a in task.actions_of(s)] for s in cur])
+        offset = np.cumsum([0] + [len(x) for x in scores])
+        keep, chunks, survivors = [], [], []
+        for row, (i, s, logp) in enumerate(zip(alive, cur, scores)):
+            logp = renormalise(logp)
+            p = np.exp(logp)
+            k = _pick(p, u[i, 1 + 2 * t])
+            a = task.action_ptr[s] + k
+            lo, hi = task.trans_ptr[a], task.trans_ptr[a + 1]
+            nxt = int(task.trans_next[lo + _pick(task.trans_prob[lo:hi], u[i, 2 + 2 * t])])
+            states[i].append(nxt)
+            actions[i].append(int(a))
+            logprobs[i].append(float(logp[k]))
+            dists[i].append(p)
+            if not task.terminal[nxt] and t + 1 < task.horizon:
+                keep.append(offset[row] + k)  # this episode's branch continued by its action
+                chunks.append(codec.state(nxt, t + 1))
+                survivors.append(i)
+        bar.update(len(alive) - len(survivors))
+        alive = survivors
+        if not alive:
+            break
+        if codec.mode == "markov":
+            ctx = None  # the next prompt shows only the new state: start a fresh context
+        else:
+            ctx = branch.take(keep)
+            ctx.extend(chunks)
+    out = []
+    for i in range(n):
+        prob = float(np.exp(episode_logq(task, states[i], actions[i])))
+        episode = Episode(states[i], actions[i], logprobs[i], prob, bool(u[i, -1] < prob), goal)
+        out.append((episode, dists[i]))
+    return out

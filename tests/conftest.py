@@ -1,0 +1,123 @@
+"""Shared fixtures: tiny random-init language models built locally (no hub, no training)."""
+
+import os
+
+import pytest
+
+# Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the threads
+# oversubscribe the CPU (rollouts ran 10x slower); one thread keeps the suite fast.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def tiny_llama(task, seed=0):
+    """A random 2-layer Llama with lmcoh's word-level tokenizer for ``task``."""
+    from lmcoh.model import LoadedModel, build_tokenizer, new_llama
+
+    tokenizer = build_tokenizer(task)
+    return LoadedModel(new_llama(tokenizer, hidden_size=32, num_heads=2, seed=seed).eval(), tokenizer)
+
+
+def tiny_gpt2(task, seed=0, vocab_size=300):
+    """A random GPT-2 with a byte-level BPE tokenizer trained on the task's text, so that
+    action names are several tokens and tokens are shared between actions."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from lmcoh.model import LoadedModel, task_words
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([" " + w for w in task_words(task)], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>",
+                                        pad_token="<|endoftext|>")
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=512,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config).eval()
+    return LoadedModel(model, tokenizer)
+
+
+@pytest.fixture(scope="session")
+def mountain():
+    from lmcoh.library import load_task
+
+    return load_task("mountain_race")
+
+
+@pytest.fixture(scope="session")
+def expedition():
+    from lmcoh.library import load_task
+
+    return load_task("expedition")
+
+
+RING = """
+name: ring
+description: Two rooms; moving is slippery, so rooms recur at several steps.
+horizon: 3
+start: {left: 0.7, right: 0.3}
+states:
+  left:
+    text: The left room.
+    actions:
+      stay: {next: left, success: 0.9}
+      go: {next: {right: 0.8, left: 0.2}}
+  right:
+    text: The right room.
+    actions:
+      stay: {next: {right: 0.5, exit: 0.5}}
+      go: {next: left, success: 0.5}
+terminals:
+  exit: {success: 1.0, text: Out.}
+timeout_success: 0.4
+"""
+
+TRIE = """
+name: trie
+description: Multi-word actions sharing their first words.
+horizon: 2
+start: base
+states:
+  base:
+    text: At the base.
+    actions:
+      climb the ridge: {next: ridge}
+      climb down: {next: low}
+      rest: {next: low, success: 0.6}
+  ridge:
+    text: On the ridge.
+    actions:
+      climb the ridge: {next: top}
+      climb the wall: {next: {top: 0.5, fall: 0.5}}
+      climb down: {next: low}
+  low:
+    text: Down low.
+    actions:
+      rest: {next: low, success: 0.5}
+      climb down: {next: fall}
+terminals:
+  top: {success: 1.0}
+  fall: {success: 0.0}
+"""
+
+
+def task_from_yaml(text, name):
+    from lmcoh.task import Task
+    from lmcoh.taskfile import parse
+
+    return Task.from_spec(parse(text, name, name))
+
+
+@pytest.fixture(scope="session")
+def ring():
+    return task_from_yaml(RING, "ring")
+
+
+@pytest.fixture(scope="session")
+def trie_task():
+    return task_from_yaml(TRIE, "trie")

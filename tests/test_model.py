@@ -1,0 +1,127 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_gpt2
+from lmcoh.generators import generate
+from lmcoh.model import (META_FILE, LoadedModel, ModelError, add_lora, build_tokenizer, check_task_fits,
+                         load_model, new_llama, save_model)
+from lmcoh.policy import action_logprobs
+from lmcoh.text import action_chunk, episode_text, prompt
+
+
+def one_line_error(call, match):
+    with pytest.raises(ModelError, match=match) as info:
+        call()
+    assert "\n" not in str(info.value)
+
+
+def logits(model, tokenizer, text):
+    with torch.no_grad():
+        return model(**tokenizer(text, return_tensors="pt")).logits
+
+
+def test_word_tokenizer_writes_every_chunk(mountain):
+    tok = build_tokenizer(mountain)
+    text = episode_text(mountain, "success", [0, 1], [0, 2])
+    ids = tok(text)["input_ids"]
+    assert ids[0] == tok.bos_token_id and tok.unk_token_id not in ids
+    assert tok.convert_ids_to_tokens(ids[:4]) == ["<bos>", "<success>", "[start]", "You"]
+    # A prompt and its continuation tokenise apart exactly as together (chunks start with a space).
+    head = prompt(mountain, "success", [0], [])
+    assert tok(head)["input_ids"] + tok(action_chunk("up"), add_special_tokens=False)["input_ids"] \
+        == tok(head + action_chunk("up"))["input_ids"]
+    assert tok.pad_token and tok.eos_token and tok.unk_token
+
+
+def test_new_llama_is_seeded(mountain):
+    tok = build_tokenizer(mountain)
+    a, b, c = new_llama(tok, seed=0), new_llama(tok, seed=0), new_llama(tok, seed=1)
+    assert a.config.vocab_size == len(tok)
+    assert torch.equal(a.model.embed_tokens.weight, b.model.embed_tokens.weight)
+    assert not torch.equal(a.model.embed_tokens.weight, c.model.embed_tokens.weight)
+
+
+def test_save_load_round_trip(mountain, tmp_path):
+    tok = build_tokenizer(mountain)
+    model = new_llama(tok, hidden_size=32, num_heads=2).eval()
+    out = save_model(model, tok, tmp_path / "m", {"kind": "test"})
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    assert json.loads((out / META_FILE).read_text())["kind"] == "test"
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary directory left behind
+    loaded = load_model(str(out), device="cpu")
+    assert loaded.meta["kind"] == "test" and loaded.meta["text_format"] == 1
+    text = prompt(mountain, "success", [0], [])
+    assert torch.allclose(logits(model, tok, text), logits(loaded.model, loaded.tokenizer, text))
+    save_model(model, tok, out, {"kind": "again"})  # replacing a model directory is fine
+    assert load_model(str(out)).meta["kind"] == "again"
+
+
+def test_save_refuses_to_replace_other_directories(mountain, tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    tok = build_tokenizer(mountain)
+    one_line_error(lambda: save_model(new_llama(tok, hidden_size=32, num_heads=2), tok, tmp_path, {}),
+                   "refusing to overwrite")
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_load_errors_are_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    one_line_error(lambda: load_model(str(tmp_path / "missing")), "no such model directory")
+    (tmp_path / "junk.txt").write_text("x")
+    one_line_error(lambda: load_model(str(tmp_path)), "not a model directory")
+    (tmp_path / "config.json").write_text("{not json")
+    one_line_error(lambda: load_model(str(tmp_path)), "cannot load model")
+    one_line_error(lambda: load_model("some-org/some-model"), "not in the local Hugging Face cache")
+
+
+def test_adapters_load_on_their_base_only(mountain, tmp_path):
+    tok = build_tokenizer(mountain)
+    save_model(new_llama(tok, hidden_size=32, num_heads=2, seed=0), tok, tmp_path / "base", {"kind": "prior"})
+    save_model(new_llama(tok, hidden_size=32, num_heads=2, seed=1), tok, tmp_path / "other", {})
+    base = load_model(str(tmp_path / "base"))
+    lora = add_lora(base.model, r=4, alpha=8)
+    assert 0 < sum(p.numel() for p in lora.parameters() if p.requires_grad) < 0.5 * sum(
+        p.numel() for p in lora.parameters())
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a trained adapter changes the output
+    save_model(lora, tok, tmp_path / "adapter", {"kind": "round"})
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+    loaded = load_model(str(tmp_path / "base"), adapter=str(tmp_path / "adapter"))
+    assert loaded.meta["kind"] == "prior" and loaded.meta["adapter"]["kind"] == "round"
+    text = prompt(mountain, "success", [0], [])
+    assert torch.allclose(logits(lora, tok, text), logits(loaded.model, tok, text), atol=1e-5)
+    one_line_error(lambda: load_model(str(tmp_path / "other"), adapter=str(tmp_path / "adapter")),
+                   "another base model")
+    one_line_error(lambda: load_model(str(tmp_path / "base"), adapter=str(tmp_path / "other")),
+                   "not a LoRA adapter directory")
+    one_line_error(lambda: load_model(str(tmp_path / "adapter")), "pass it as --adapter")
+
+
+def test_check_task_fits(mountain):
+    loaded = LoadedModel(None, build_tokenizer(mountain))
+    check_task_fits(loaded, mountain)
+    one_line_error(lambda: check_task_fits(loaded, generate("random-tree:T=2,A=2")), "cannot write")
+
+
+def test_foreign_gpt2_with_bpe_tokenizer(mountain, tmp_path):
+    built = tiny_gpt2(mountain)
+    built.tokenizer.pad_token = None  # like GPT-2's own tokenizer: no pad token
+    built.model.save_pretrained(tmp_path / "gpt2")
+    built.tokenizer.save_pretrained(tmp_path / "gpt2")
+    loaded = load_model(str(tmp_path / "gpt2"), device="cpu")
+    assert loaded.meta == {} and loaded.tokenizer.pad_token == loaded.tokenizer.eos_token
+    check_task_fits(loaded, mountain)
+    chunk = loaded.tokenizer(action_chunk("down"), add_special_tokens=False)["input_ids"]
+    assert len(chunk) >= 2  # actions are several BPE tokens
+    states = [int(s) for layer in mountain.layers for s in layer.states]
+    prompts = [prompt(mountain, "success", [0], [])] + [prompt(mountain, "success", [0, s], [0])
+                                                       for s in states[1:]]
+    for s, logp in zip(states, action_logprobs(loaded, mountain, prompts, states)):
+        assert len(logp) == len(mountain.actions_of(s))
+        assert np.exp(logp).sum() == pytest.approx(1.0)
