@@ -14,7 +14,7 @@ install: .venv/.installed
 	touch $@
 
 demo: install
-	$(PY) -m lmcoh.cli exact tasks/mountain_race.yaml --steps 4
+	.venv/bin/accelerate launch --num_processes 1 --cpu recipes/self_train.py --config recipes/configs/mountain_race.yaml
 
 test: install
 	$(PY) -m pytest -q
