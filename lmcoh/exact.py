@@ -43,11 +43,6 @@ def uniform_policy(task: Task) -> Policy:
     return [1.0 / layer.by_state.repeat(layer.by_state.counts) for layer in task.layers]
 
 
-def from_action_probs(task: Task, probs: np.ndarray) -> Policy:
-    """A stationary policy given as one probability per flat action (same at every step)."""
-    return [np.asarray(probs, dtype=float)[layer.actions].copy() for layer in task.layers]
-
-
 # ---- backward passes ---------------------------------------------------------------------------
 def _backup(task: Task, combine: Callable[[int, np.ndarray], np.ndarray], reward_scale: float = 1.0,
             bonus: Policy | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
