@@ -20,10 +20,10 @@ def _peak_rss_gb() -> float:
 def bench_exact(depths=(6, 7, 8, 9, 10), steps: int = 8) -> dict:
     """All five sequences, ``steps`` steps, on random-tree:T=...,A=4,stochastic=1,seed=0.
 
-    Target (issue 3): T = 10 (about 1.4 million states) in under 30 s and 4 GB.
+    Target: T = 10 (about 1.4 million states) in under 30 s and 4 GB.
     """
-    from . import exact
-    from .generators import generate
+    from .oracle import exact
+    from .tasks.generators import generate
 
     rows = []
     print(f"exact oracle: all {len(exact.SEQUENCES)} sequences, {steps} steps, summaries of every policy")
@@ -77,7 +77,7 @@ def _naive_rollouts(model, task, codec, goal, n, seed, device) -> None:
     import numpy as np
     import torch
 
-    from .episodes import step_environment
+    from .tasks.episodes import step_environment
 
     rng = np.random.default_rng(seed)
     eoa = codec.actions[0][-1]
@@ -111,17 +111,17 @@ def bench_lm(tab_task: str = "random-tree:T=5,A=3,stochastic=1", roll_task: str 
              pretrain_task: str | None = "mountain_race") -> dict:
     """Tabulation and rollout throughput against naive loops; pretraining time of the default model.
 
-    Targets (issue 4): tabulation and rollouts each at least 20x faster than the naive loop.
+    Target: tabulation and rollouts each at least 20x faster than the naive loop.
     Models are the default ("tiny") size, randomly initialised: speed does not depend on weights.
     """
     import tempfile
 
     import torch
 
-    from . import policy, rollout
-    from .library import load_task
-    from .model import MODEL_SIZES, LoadedModel, build_tokenizer, default_device, new_llama
-    from .pretrain import pretrain
+    from .lm import rollout, scoring, tabulate
+    from .lm.model import LoadedModel, build_tokenizer, default_device, new_llama
+    from .lm.pretrain import MODEL_SIZES, pretrain
+    from .tasks.library import load_task
 
     device = default_device()
     print(f"language model: device {device}, {torch.get_num_threads()} CPU threads, float32, "
@@ -134,10 +134,10 @@ def bench_lm(tab_task: str = "random-tree:T=5,A=3,stochastic=1", roll_task: str 
     out = {"device": device, "threads": torch.get_num_threads()}
     task = load_task(tab_task)
     lm = tiny(task)
-    codec = policy.Codec(lm.tokenizer, task)
-    policy.tabulate(lm, task)  # warm up
+    codec = scoring.Codec(lm.tokenizer, task)
+    tabulate.tabulate(lm, task)  # warm up
     t0 = time.perf_counter()
-    table = policy.tabulate(lm, task, batch_size=512)
+    table = tabulate.tabulate(lm, task, batch_size=512)
     fast = table.histories / (time.perf_counter() - t0)
     sample = _some_histories(task, naive_histories)
     naive = {}
@@ -152,7 +152,7 @@ def bench_lm(tab_task: str = "random-tree:T=5,A=3,stochastic=1", roll_task: str 
 
     task = load_task(roll_task)
     lm = tiny(task)
-    codec = policy.Codec(lm.tokenizer, task)
+    codec = scoring.Codec(lm.tokenizer, task)
     rollout.sample_episodes(lm, task, 256, progress=False)  # warm up
     t0 = time.perf_counter()
     rollout.sample_episodes(lm, task, episodes, progress=False)
@@ -203,33 +203,34 @@ def _some_histories(task, n, seed=0):
     return [found[i] for i in pick]
 
 
-def bench_selftrain(config: str = "recipes/configs/mountain_race.yaml", rounds: int = 2) -> dict:
+def bench_selftrain(config: str = "mountain_race", rounds: int = 2,
+                    extra: tuple[str, ...] = ()) -> dict:
     """Seconds per self-training round split into sampling, training and evaluation.
 
-    The recipe's config with a freshly initialised default-size model (speed does not depend on
-    the weights) in label mode, so every sampled episode is trained on: the most work per round.
+    recipes/self_train.py with recipes/configs/CONFIG.yaml and a freshly initialised default-size model
+    (speed does not depend on the weights) in label mode, so every sampled episode is trained
+    on: the most work per round. ``extra`` are more flags for the recipe.
     """
     import tempfile
-    from pathlib import Path
 
-    import yaml
+    from .lm.model import build_tokenizer, default_device, new_llama, save_model
+    from .lm.pretrain import MODEL_SIZES
+    from .runs import RECIPES_DIR, load_recipe
+    from .runs.arguments import SelfTrainArguments, make_parser, parse
+    from .tasks.library import load_task
 
-    from .library import load_task
-    from .model import MODEL_SIZES, build_tokenizer, default_device, new_llama, save_model
-    from .selftrain import SelfTrainConfig, main as self_train
-
-    settings = yaml.safe_load(Path(config).read_text())
-    task = load_task(settings["task"])
     with tempfile.TemporaryDirectory(prefix="lmcoh-bench-") as tmp:
+        args, sft, model = parse(make_parser(SelfTrainArguments), [
+            "--config", str(RECIPES_DIR / "configs" / f"{config}.yaml"), "--output_dir", f"{tmp}/run", "--rounds", str(rounds), "--mode", "label",
+            "--disable_tqdm", "true", "--model_name_or_path", f"{tmp}/model", *extra])
+        task = load_task(args.task)
         tokenizer = build_tokenizer(task)
         save_model(new_llama(tokenizer, **MODEL_SIZES["tiny"]), tokenizer, f"{tmp}/model", {})
-        cfg = SelfTrainConfig(**{**settings, "model": f"{tmp}/model", "output_dir": f"{tmp}/run",
-                                 "rounds": rounds, "mode": "label", "progress": False})
-        self_train(cfg)
-        rows = [json.loads(line) for line in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
+        out = load_recipe("self_train").main(args, sft, model)
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     trained = [r for r in rows if r["round"] > 0]
-    print(f"self-training: {settings['task']}, {cfg.episodes_per_round} episodes/round, "
-          f"{cfg.num_train_epochs} epochs, device {default_device()}")
+    print(f"self-training: {args.task}, {args.episodes_per_round} episodes/round, "
+          f"{sft.num_train_epochs} epochs, device {default_device()}")
     print(f"{'round':>5} {'sample s':>9} {'train s':>8} {'eval s':>7} {'total s':>8}")
     for r in rows:
         total = r["sample_seconds"] + r["train_seconds"] + r["eval_seconds"]
@@ -237,7 +238,7 @@ def bench_selftrain(config: str = "recipes/configs/mountain_race.yaml", rounds: 
               f"{r['eval_seconds']:>7.2f} {total:>8.2f}")
     mean = {k: sum(r[k] for r in trained) / len(trained)
             for k in ("sample_seconds", "train_seconds", "eval_seconds")}
-    return {"task": settings["task"], "episodes_per_round": cfg.episodes_per_round,
+    return {"task": args.task, "episodes_per_round": args.episodes_per_round,
             "device": default_device(), "rounds": rows, "mean_per_round": mean}
 
 

@@ -11,18 +11,19 @@ Every user error (bad task file, bad spec, bad model directory, bad value) ends 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 
-from .task import Task, TaskError
+from .errors import LmcohError
+from .io import dumps, jsonable, write_jsonl
+from .tasks.task import Task
 
 
 # ---- oracle commands ---------------------------------------------------------------------------
 
 def _cmd_tasks(args: argparse.Namespace) -> None:
-    from . import generators, library
+    from .tasks import generators, library
 
     rows = [(name, library.load_task(name)) for name in library.builtin_tasks()]
     rows += [(spec, library.load_task(spec)) for spec in generators.EXAMPLES]
@@ -34,8 +35,8 @@ def _cmd_tasks(args: argparse.Namespace) -> None:
 
 
 def _cmd_show(args: argparse.Namespace) -> None:
-    from . import text
-    from .library import load_task
+    from .lm import text
+    from .tasks.library import load_task
 
     task = load_task(args.task)
     reachable = {int(s) for layer in task.layers for s in layer.states}
@@ -86,13 +87,13 @@ def _first_path(task: Task) -> tuple[list[int], list[int]]:
 
 
 def _cmd_exact(args: argparse.Namespace) -> None:
-    from . import exact
-    from .library import load_task
+    from .oracle import exact
+    from .tasks.library import load_task
 
     task = load_task(args.task)
     if args.json:
         result = exact.analyse(task, steps=args.steps, delta=args.delta, policies=not args.no_policies)
-        print(json.dumps(_jsonable(result), allow_nan=False))
+        print(dumps(result))
         return
     dynamics = "deterministic" if task.deterministic else "stochastic"
     print(f"{task.name} ({dynamics}, horizon {task.horizon}, delta {args.delta:g}, "
@@ -116,28 +117,14 @@ def _cmd_exact(args: argparse.Namespace) -> None:
             print(row)
 
 
-def _jsonable(x):
-    """Plain JSON values: numpy scalars to Python, infinities to the strings 'inf' / '-inf'."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if hasattr(x, "tolist"):
-        return _jsonable(x.tolist())
-    if isinstance(x, float) and math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    if isinstance(x, float) and math.isnan(x):
-        return "nan"
-    return x
-
-
 def _cmd_study(args: argparse.Namespace) -> None:
-    from . import study, study_report
+    from .study import claims as study
+    from .study import report as study_report
 
     cfg = study.StudyConfig(tasks=args.tasks or [], seed=args.seed, quick=args.quick, runs=args.runs or [])
     result = study.run_study(cfg, progress=lambda line: print(f"study: {line}", file=sys.stderr, flush=True))
-    out = study_report.write(_jsonable(result), args.out)
-    print(f"{out}/report.md: " + "; ".join(f"{s['id']} {s['verdict']}" for s in result["sections"]))
+    out = study_report.write(jsonable(result), args.out)
+    print(f"{out}/report.md: {study.verdict_counts(result)}")
 
 
 # ---- language-model commands ---------------------------------------------------------------------
@@ -146,8 +133,8 @@ def _cmd_study(args: argparse.Namespace) -> None:
 
 def _load_for_task(args: argparse.Namespace):
     """The task, then the model (and adapter) checked against it: cheap errors first."""
-    from .library import load_task
-    from .model import check_task_fits, load_model
+    from .lm.model import check_task_fits, load_model
+    from .tasks.library import load_task
 
     task = load_task(args.task)
     loaded = load_model(args.model, adapter=args.adapter)
@@ -156,8 +143,8 @@ def _load_for_task(args: argparse.Namespace):
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> None:
-    from .library import load_task
-    from .pretrain import pretrain
+    from .lm.pretrain import pretrain
+    from .tasks.library import load_task
 
     task = load_task(args.task)
     out = pretrain(task, args.out, episodes=args.episodes, epochs=args.epochs, seed=args.seed, base=args.base,
@@ -168,7 +155,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from . import metrics
+    from .lm import metrics
 
     task, loaded, mode = _load_for_task(args)
     result = metrics.evaluate(loaded, task, goal=args.goal, temperature=args.temperature, mode=mode,
@@ -176,7 +163,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
                               batch_size=args.batch_size, mc_episodes=args.mc_episodes,
                               progress=not args.json)
     if args.json:
-        print(json.dumps(_jsonable(result), allow_nan=False))
+        print(dumps(result))
         return
     how = (f"exact over {result['histories']} histories" if result["exact"] else
            f"Monte Carlo over {result['episodes']} episodes ({result['histories']} histories)")
@@ -195,25 +182,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:
-    import tempfile
-
-    from .rollout import sample_episodes
+    from .lm.rollout import sample_episodes
+    from .lm.text import episode_record
 
     out = os.path.abspath(args.out)
     if os.path.isdir(out) or not os.path.isdir(os.path.dirname(out)):
-        raise ValueError(f"{args.out}: not a file in an existing directory")
+        raise LmcohError(f"{args.out}: not a file in an existing directory")
     task, loaded, mode = _load_for_task(args)
     episodes = sample_episodes(loaded, task, args.n, goal=args.goal, seed=args.seed,
                                temperature=args.temperature, batch_size=args.batch_size, mode=mode)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", dir=os.path.dirname(out))
-    try:
-        with os.fdopen(fd, "w") as f:
-            for episode in episodes:
-                f.write(json.dumps(_jsonable(episode.to_json(task)), allow_nan=False) + "\n")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_jsonl(out, [episode_record(task, episode) for episode in episodes])
     rate = sum(e.success for e in episodes) / max(len(episodes), 1)
     print(f"{args.out}: {len(episodes)} episodes, sampled success rate {rate:.4f}", file=sys.stderr)
 
@@ -272,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer and smaller tasks (a few seconds)")
     p.set_defaults(handler=_cmd_study)
 
-    from .pretrain import MODEL_SIZES, PretrainConfig  # numpy only: keeps `lmcoh exact` free of torch
+    from .lm.pretrain import MODEL_SIZES, PretrainConfig  # numpy only: keeps `lmcoh exact` free of torch
     defaults = PretrainConfig()
     p = sub.add_parser("pretrain", help="train a small LM on the task's own episodes: the prior p")
     p.add_argument("task", metavar="TASK", help=task_help)
@@ -326,21 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's input, not a bug; `ModelError` once the model layer is loaded."""
-    errors = [TaskError, ValueError, FileNotFoundError, KeyboardInterrupt]
-    model = sys.modules.get("lmcoh.model")
-    if model is not None and hasattr(model, "ModelError"):
-        errors.append(model.ModelError)
-    return tuple(errors)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)
-    except _user_errors() as err:
-        message = " ".join(str(err).split()) or "interrupted"
+    except (LmcohError, KeyboardInterrupt) as err:
+        message = str(err) or "interrupted"
         print(f"lmcoh: error: {message}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly

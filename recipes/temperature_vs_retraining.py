@@ -1,26 +1,89 @@
-"""Temperature versus retraining (issue 6; THEORY.md, "Three ways to apply optimisation pressure").
+"""Temperature versus retraining: what k rounds of retraining buy, and what alpha = k costs.
 
     accelerate launch recipes/temperature_vs_retraining.py --config recipes/configs/temperature_vs_retraining.yaml
     python recipes/temperature_vs_retraining.py --task mountain_race --selftrain_dir outputs/self_train/mountain_race
 
-Every field of `lmcoh.temperature.TemperatureConfig` is a flag (`--help` lists them; the
-self-training ones apply when no --selftrain_dir is given); a YAML file given with `--config`
-sets defaults that flags override. `lmcoh.temperature.run` self-trains (or reuses a run),
-samples the prior LM with rejection at alpha = k, and writes comparison.json, report.md and plots.
+docs/theory.md, "Three ways to apply optimisation pressure". For k = 0..K (K = rounds + 1)
+this puts side by side: k rounds of retraining (the self-trained model, G^k(p)), reward
+temperature alpha = k at inference (rejection sampling from the prior LM: accept an episode
+w.p. prod q^k), and logit temperature 1/k on the success-prompted prior, each against the
+exact oracle. Theorem 5.9: retraining and temperature agree on deterministic tasks and part
+ways on stochastic ones.
 """
 
 import sys
+from pathlib import Path
 
-from trl import TrlParser
+from accelerate import PartialState
 
-from lmcoh.model import ModelError
-from lmcoh.task import TaskError
-from lmcoh.temperature import TemperatureConfig, run
+from lmcoh.errors import LmcohError
+from lmcoh.io import replace_dir
+from lmcoh.lm.model import model_init_kwargs
+from lmcoh.report.temperature import write_outputs
+from lmcoh.runs import load_recipe
+from lmcoh.runs import selftrain as rounds
+from lmcoh.runs import temperature as compare_
+from lmcoh.runs.arguments import TemperatureArguments, make_parser, parse
+from lmcoh.tasks.library import load_task
+
+
+def compare(task, K: int, methods: compare_.Methods, *, rejection_episodes: int, max_proposals: int,
+            seed: int = 0) -> tuple[dict, dict]:
+    """The comparison.json and details.json objects for k = 0..K."""
+    ex = compare_.exact_comparison(task, K)
+    pool = compare_.ProposalPool(methods.sample, seed)  # prior episodes, shared by every alpha
+    rows, lm = [], []
+    for k in range(K + 1):
+        rejection = compare_.rejection_sample(pool, float(k), rejection_episodes, max_proposals)  # alpha = k
+        retrained = methods.retrained(k)  # k rounds of retraining
+        logit = methods.logit(k)          # logit temperature 1/k on the success-prompted prior
+        row, detail = compare_.comparison_entry(task, k, ex, rejection, retrained, logit,
+                                                methods.retrain_seconds[k], pool)
+        rows.append(row)
+        lm.append(detail)
+    return compare_.comparison_objects(task, K, ex, rows, lm, pool)
+
+
+def main(script_args: TemperatureArguments, training_args, model_args) -> Path:
+    """Compare, write ``training_args.output_dir`` (built beside it in NAME.partial and renamed
+    into place when complete) and return it."""
+    task = load_task(script_args.task)
+    compare_.check_comparison(script_args, training_args.output_dir, task)
+    out = Path(training_args.output_dir)
+    work = out.with_name(out.name + ".partial")
+    state = PartialState()
+
+    # 1. retraining: self-train here (resumable in NAME.partial/self_train), or reuse a run
+    if script_args.selftrain_dir is None:
+        selftrain_dir = work / "self_train"
+        self_train = load_recipe("self_train")
+        self_train.main(compare_.selftrain_args(script_args),
+                        rounds.replace_output_dir(training_args, selftrain_dir), model_args)
+    else:
+        selftrain_dir = Path(script_args.selftrain_dir)
+
+    # 2. k = 0..K: rejection sampling at alpha = k, the retrained model, logit temperature 1/k
+    if state.is_main_process:
+        methods, K, source = compare_.lm_methods(script_args, task, selftrain_dir, model_init_kwargs(model_args),
+                                                 progress=not training_args.disable_tqdm)
+        comparison, details = compare(task, K, methods, rejection_episodes=script_args.rejection_episodes,
+                                      max_proposals=script_args.max_proposals, seed=training_args.seed)
+        # paths inside the work directory, as they will read after the rename
+        details.update({key: value.replace(str(work), str(out)) for key, value in source.items()})
+
+        # 3. write the outputs, then move them into place
+        work.mkdir(parents=True, exist_ok=True)
+        write_outputs(work, comparison, details)
+        replace_dir(work, out)
+        print(f"report: {out / 'report.md'}", flush=True)
+    state.wait_for_everyone()
+    return out
+
 
 if __name__ == "__main__":
+    parser = make_parser(TemperatureArguments, "temperature_vs_retraining", __doc__,
+                         output_dir="outputs/temperature_vs_retraining")
     try:
-        (cfg,) = TrlParser((TemperatureConfig,)).parse_args_and_config()
-        out = run(cfg)
-    except (TaskError, ModelError, ValueError) as err:
-        sys.exit(f"temperature_vs_retraining: error: {' '.join(str(err).split())}")
-    print(f"report: {out / 'report.md'}")
+        main(*parse(parser))
+    except LmcohError as err:
+        sys.exit(f"temperature_vs_retraining: error: {err}")

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random-init language models built locally (no hub, no training)."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -9,9 +10,31 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def recipe_args(*argv, script_type=None) -> tuple:
+    """(script_args, SFTConfig, ModelConfig) parsed from ``argv`` as a recipe parses its flags."""
+    from lmcoh.runs.arguments import SelfTrainArguments, make_parser, parse
+
+    return parse(make_parser(script_type or SelfTrainArguments), [str(a) for a in argv])
+
+
+def recipe(name: str):
+    """The module of recipes/NAME.py."""
+    from lmcoh.runs import load_recipe
+
+    return load_recipe(name)
+
+
+def recipe_env() -> dict:
+    """The environment for running a recipe as a script from a checkout (lmcoh importable)."""
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
 def tiny_llama(task, seed=0):
     """A random 2-layer Llama with lmcoh's word-level tokenizer for ``task``."""
-    from lmcoh.model import LoadedModel, build_tokenizer, new_llama
+    from lmcoh.lm.model import LoadedModel, build_tokenizer, new_llama
 
     tokenizer = build_tokenizer(task)
     return LoadedModel(new_llama(tokenizer, hidden_size=32, num_heads=2, seed=seed).eval(), tokenizer)
@@ -24,7 +47,7 @@ def tiny_gpt2(task, seed=0, vocab_size=300):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    from lmcoh.model import LoadedModel, task_words
+    from lmcoh.lm.model import LoadedModel, task_words
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -44,14 +67,14 @@ def tiny_gpt2(task, seed=0, vocab_size=300):
 
 @pytest.fixture(scope="session")
 def mountain():
-    from lmcoh.library import load_task
+    from lmcoh.tasks.library import load_task
 
     return load_task("mountain_race")
 
 
 @pytest.fixture(scope="session")
 def expedition():
-    from lmcoh.library import load_task
+    from lmcoh.tasks.library import load_task
 
     return load_task("expedition")
 
@@ -107,8 +130,8 @@ terminals:
 
 
 def task_from_yaml(text, name):
-    from lmcoh.task import Task
-    from lmcoh.taskfile import parse
+    from lmcoh.tasks.task import Task
+    from lmcoh.tasks.taskfile import parse
 
     return Task.from_spec(parse(text, name, name))
 

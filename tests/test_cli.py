@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lmcoh import cli, library
+from lmcoh import cli
+from lmcoh.tasks import library
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,13 +1,15 @@
+import json
 from collections import Counter
 
 import numpy as np
 import pytest
 
-from lmcoh.episodes import (Episode, episode_logq, sample_outcome_balanced, sample_prior_episodes,
+from lmcoh.lm.text import episode_record
+from lmcoh.tasks.episodes import (Episode, episode_logq, sample_outcome_balanced, sample_prior_episodes,
                             step_environment)
-from lmcoh.generators import generate
-from lmcoh.library import load_task
-from lmcoh.task import TaskError
+from lmcoh.tasks.generators import generate
+from lmcoh.tasks.library import load_task
+from lmcoh.tasks.task import TaskError
 
 
 def names(task, episode):
@@ -26,7 +28,7 @@ def test_mountain_race_data_set_is_exactly_balanced(mountain):
 
 
 def test_outcome_balanced_episodes_keep_each_conditional():
-    from lmcoh import exact
+    from lmcoh.oracle import exact
 
     task = generate("random-tree:T=3,A=2,seed=0,stochastic=1")  # S(p) = 0.22: successes are rare
     episodes = sample_outcome_balanced(task, 2000, np.random.default_rng(0))
@@ -78,7 +80,7 @@ def test_counts_stay_within_one_of_expectation_on_stochastic_tree():
 def test_outcomes_are_unbiased_over_seeds():
     # Each episode alone is an exact draw: the success rate over many seeds matches S(p).
     task = load_task("stochastic_example")
-    from lmcoh import exact
+    from lmcoh.oracle import exact
 
     rates = [np.mean([e.success for e in sample_prior_episodes(task, 7, np.random.default_rng(s))])
              for s in range(500)]
@@ -105,10 +107,10 @@ def test_step_environment_frequencies():
 def test_json_round_trip(mountain):
     for e in sample_prior_episodes(mountain, 20, np.random.default_rng(0)):
         e.goal = "success"
-        d = e.to_json(mountain)
+        d = episode_record(mountain, e)
         assert d["text"].startswith("<success> [start] ")
         assert d["outcome"] == ("success" if e.success else "failure")
-        assert Episode.from_json(mountain, d) == e
+        assert Episode.from_json(mountain, json.loads(json.dumps(d))) == e
 
 
 def test_json_that_does_not_fit_the_task(mountain):

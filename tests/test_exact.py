@@ -1,13 +1,15 @@
 """The exact oracle against the paper's numbers and an independent brute-force enumeration."""
 
+import json
 import math
 from fractions import Fraction
 
 import numpy as np
 import pytest
 
-from lmcoh import exact as E
-from lmcoh.task import Task
+from lmcoh.io import dumps
+from lmcoh.oracle import exact as E
+from lmcoh.tasks.task import Task
 
 
 def _act(nxt, q=1.0, prior=None):
@@ -168,7 +170,9 @@ def test_analyse_json_shape_and_infinities():
     out = E.analyse(MOUNTAIN, steps=2, policies=True)
     assert set(out["sequences"]) == set(E.SEQUENCES)
     first = out["sequences"]["retrain"][0]
-    assert first["return"] == "-inf" and first["incoherence"] == "inf"
+    assert first["return"] == -math.inf and first["incoherence"] == math.inf
+    written = json.loads(dumps(out))["sequences"]["retrain"][0]  # lmcoh.io's JSON convention
+    assert written["return"] == "-inf" and written["incoherence"] == "inf"
     assert out["sequences"]["retrain"][1]["policy"]["start"]["up"] == pytest.approx(0.4)
     assert out["deterministic"] is True
 

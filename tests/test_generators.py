@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from lmcoh import exact
-from lmcoh.generators import generate
-from lmcoh.task import TaskError
+from lmcoh.oracle import exact
+from lmcoh.tasks.generators import generate
+from lmcoh.tasks.task import TaskError
 
 
 def _check_tables(task):

@@ -3,13 +3,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from peft import LoraConfig
 
 from conftest import tiny_gpt2
-from lmcoh.generators import generate
-from lmcoh.model import (META_FILE, LoadedModel, ModelError, add_lora, build_tokenizer, check_task_fits,
+from lmcoh.tasks.generators import generate
+from lmcoh.lm.model import (META_FILE, LoadedModel, ModelError, add_lora, build_tokenizer, check_task_fits,
                          load_model, new_llama, save_model)
-from lmcoh.policy import action_logprobs
-from lmcoh.text import action_chunk, episode_text, prompt
+from lmcoh.lm.scoring import action_logprobs
+from lmcoh.lm.text import action_chunk, episode_text, prompt
 
 
 def one_line_error(call, match):
@@ -82,7 +83,7 @@ def test_adapters_load_on_their_base_only(mountain, tmp_path):
     save_model(new_llama(tok, hidden_size=32, num_heads=2, seed=0), tok, tmp_path / "base", {"kind": "prior"})
     save_model(new_llama(tok, hidden_size=32, num_heads=2, seed=1), tok, tmp_path / "other", {})
     base = load_model(str(tmp_path / "base"))
-    lora = add_lora(base.model, r=4, alpha=8)
+    lora = add_lora(base.model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
     assert 0 < sum(p.numel() for p in lora.parameters() if p.requires_grad) < 0.5 * sum(
         p.numel() for p in lora.parameters())
     with torch.no_grad():

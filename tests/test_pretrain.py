@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from conftest import tiny_gpt2
-from lmcoh import exact
+from lmcoh.oracle import exact
 from lmcoh.cli import main
-from lmcoh.episodes import sample_prior_episodes
-from lmcoh.generators import generate
-from lmcoh.model import load_model
-from lmcoh.policy import tabulate
-from lmcoh.pretrain import PretrainConfig, pretrain, training_texts
-from lmcoh.task import Task
+from lmcoh.tasks.episodes import sample_prior_episodes
+from lmcoh.tasks.generators import generate
+from lmcoh.lm.model import load_model
+from lmcoh.lm.tabulate import tabulate
+from lmcoh.lm.pretrain import PretrainConfig, pretrain, training_texts
+from lmcoh.tasks.task import Task
 
 
 def test_training_texts_put_the_outcome_in_the_prompt(mountain):

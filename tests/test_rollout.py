@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_gpt2, tiny_llama
-from lmcoh import policy, rollout, text
-from lmcoh.episodes import episode_logq
+from lmcoh.lm import rollout, scoring, tabulate, text
+from lmcoh.tasks.episodes import episode_logq
 
 # 99.9% quantiles of chi-square with df degrees of freedom, df = 1..12
 CHI2_999 = [10.83, 13.82, 16.27, 18.47, 20.52, 22.46, 24.32, 26.12, 27.88, 29.59, 31.26, 32.91]
@@ -42,7 +42,7 @@ def test_frequencies_match_tabulation_mountain_race(mountain):
     lm = tiny_llama(mountain, seed=11)
     # sharpen the random model so the two actions differ clearly
     episodes = rollout.sample_episodes(lm, mountain, 3000, seed=3, temperature=0.2, progress=False)
-    table = policy.tabulate(lm, mountain, temperature=0.2)
+    table = tabulate.tabulate(lm, mountain, temperature=0.2)
     assert_matches_table(mountain, episodes, table)
     # whole trajectories: P(a0, a1) = pi(a0 | start) pi(a1 | s1) on this tree
     observed, expected = np.zeros(4), np.zeros(4)
@@ -58,7 +58,7 @@ def test_frequencies_match_tabulation_history_dependent(ring):
     lm = tiny_llama(ring, seed=12)
     episodes = rollout.sample_episodes(lm, ring, 2000, goal="failure", seed=4, temperature=0.3,
                                        batch_size=300, progress=False)
-    assert_matches_table(ring, episodes, policy.tabulate(lm, ring, goal="failure", temperature=0.3))
+    assert_matches_table(ring, episodes, tabulate.tabulate(lm, ring, goal="failure", temperature=0.3))
     rate = np.mean([ep.success for ep in episodes])
     mean = np.mean([ep.success_prob for ep in episodes])
     assert abs(rate - mean) < 4 * math.sqrt(mean * (1 - mean) / len(episodes))
@@ -68,7 +68,7 @@ def test_markov_prompts(ring):
     lm = tiny_llama(ring, seed=13)
     episodes = rollout.sample_episodes(lm, ring, 1000, goal="none", seed=5, mode="markov",
                                        temperature=0.3, progress=False)
-    assert_matches_table(ring, episodes, policy.tabulate(lm, ring, goal="none", mode="markov",
+    assert_matches_table(ring, episodes, tabulate.tabulate(lm, ring, goal="none", mode="markov",
                                                           temperature=0.3))
 
 
@@ -81,9 +81,9 @@ def test_episode_records(expedition):
         assert ep.success_prob == pytest.approx(math.exp(episode_logq(expedition, ep.states, ep.actions)))
         for t, (s, a) in enumerate(zip(ep.states, ep.actions)):
             prompt = text.prompt(expedition, "success", ep.states[:t + 1], ep.actions[:t])
-            logp = policy.action_logprobs(lm, expedition, [prompt], [s])[0]
+            logp = scoring.action_logprobs(lm, expedition, [prompt], [s])[0]
             assert ep.logprobs[t] == pytest.approx(logp[a - expedition.action_ptr[s]], abs=1e-5)
-        line = ep.to_json(expedition)
+        line = text.episode_record(expedition, ep)
         assert line["text"].startswith("<success> [base_camp]")
 
 

@@ -1,73 +1,117 @@
-"""Self-training: config checks, the output directory and resume, the report; slow: the quality bar."""
+"""Self-training: the recipe's arguments, the run directory and resume, the report; slow: the loop and its quality bar."""
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
-from lmcoh import exact, report
-from lmcoh.library import load_task
-from lmcoh.selftrain import (SelfTrainConfig, SelfTrainError, check_output_dir, complete_rounds,
-                             prepare_output_dir, round_seed, shard_sizes, training_texts, validate)
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-# ---- config ------------------------------------------------------------------------------------
-def test_validate_coerces_yaml_strings():
-    cfg = validate(SelfTrainConfig(learning_rate="2e-3", rounds="3", lora_alpha=16))
-    assert cfg.learning_rate == 0.002 and cfg.rounds == 3 and cfg.lora_alpha == 16.0
+from conftest import ROOT, recipe, recipe_args, recipe_env
+from lmcoh.errors import RunError
+from lmcoh.oracle import exact
+from lmcoh.report import selftrain as report
+from lmcoh.runs.directory import RunDirectory, resolved_config
+from lmcoh.runs.selftrain import round_args, round_seed, shard_sizes, training_texts
+from lmcoh.tasks.library import load_task
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"rounds": "x"}, "rounds must be an integer, got 'x'"),
-    ({"rounds": 2.5}, "rounds must be an integer"),
-    ({"rounds": -1}, "rounds must be >= 0"),
-    ({"mode": "best"}, "mode must be one of filter, label, got 'best'"),
-    ({"prompt": "full"}, "prompt must be one of history, markov"),
-    ({"learning_rate": 0}, "learning_rate must be positive"),
-    ({"episodes_per_round": 0}, "episodes_per_round must be positive"),
-    ({"lora_dropout": 1.0}, "lora_dropout must be in [0, 1)"),
-    ({"overwrite": "yes"}, "overwrite must be true or false"),
-    ({"report_to": "wandb"}, "report_to must be one of none, tensorboard"),
-    ({"model": "/no/such/model"}, "model directory /no/such/model does not exist"),
+# ---- arguments ---------------------------------------------------------------------------------
+def test_flags_are_typed_and_trainer_settings_come_from_sftconfig():
+    args, sft, model = recipe_args("--learning_rate", "2e-3", "--rounds", "3", "--gradient_accumulation_steps", "2",
+                                   "--lr_scheduler_type", "cosine", "--lora_r", "4", "--dtype", "bfloat16")
+    assert args.rounds == 3 and sft.learning_rate == 0.002 and sft.gradient_accumulation_steps == 2
+    assert sft.lr_scheduler_type.value == "cosine" and model.lora_r == 4 and model.dtype == "bfloat16"
+    # lmcoh's defaults where they differ from TRL's; the rest is TRL's
+    assert sft.bf16 is False and sft.num_train_epochs == 2.0 and sft.completion_only_loss is True
+    assert sft.max_grad_norm == 1.0 and model.use_peft is True and model.lora_target_modules == "all-linear"
+
+
+def test_config_file_then_flags(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("task: lottery\nlearning_rate: 2e-3\nrounds: 2\nlora_alpha: 8\nreport_to: none\n")
+    args, sft, model = recipe_args("--config", config, "--rounds", "5")
+    assert args.task == "lottery" and args.rounds == 5 and sft.learning_rate == 0.002 and model.lora_alpha == 8
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rounds", "x"], "argument --rounds: invalid int value: 'x'"),
+    (["--rounds", "-1"], "rounds must be >= 0, got -1"),
+    (["--mode", "best"], "argument --mode: invalid choice: 'best'"),
+    (["--prompt", "full"], "argument --prompt: invalid choice: 'full'"),
+    (["--episodes_per_round", "0"], "episodes_per_round must be >= 1, got 0"),
+    (["--delta", "0"], "delta must be positive, got 0.0"),
+    (["--learning_rat", "1"], "unknown flag --learning_rat; did you mean --learning_rate?"),
+    (["--lr_scheduler_type", "wavy"], "invalid choice: 'wavy' (choose from 'linear', 'cosine'"),
 ])
-def test_validate_rejects_with_one_line(bad, message):
-    with pytest.raises(SelfTrainError, match=None) as err:
-        validate(SelfTrainConfig(**bad))
+def test_bad_flags_fail_in_one_line(argv, message):
+    with pytest.raises(RunError) as err:
+        recipe_args(*argv)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("rounds: [1]\n", "rounds must be a single value, not a list"),
+    ("rounds: 2.5\n", "rounds must be an integer, got 2.5"),
+    ("mode: best\n", "mode must be one of filter, label, got 'best'"),
+    ("overwrite: maybe\n", "overwrite must be true or false, got 'maybe'"),
+    ("learnin_rate: 0.1\n", "unknown setting 'learnin_rate' in the config file; did you mean 'learning_rate'?"),
+    ("- a\n- b\n", "must contain a YAML mapping"),
+    ("rounds: [\n", "config file is not valid YAML (line 2)"),
+    ("lora_r: {a: 1}\n", "lora_r must be a single value, not a mapping"),
+])
+def test_bad_config_files_fail_in_one_line(tmp_path, text, message):
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    with pytest.raises(RunError) as err:
+        recipe_args("--config", config)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(RunError, match="no such file"):
+        recipe_args("--config", tmp_path / "missing.yaml")
 
 
 def test_every_recipe_config_loads_and_names_a_builtin_task():
     configs = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
     tasks = {p.stem for p in (ROOT / "tasks").glob("*.yaml")}
     assert tasks <= {p.stem for p in configs}
+    from lmcoh.runs.arguments import TemperatureArguments
     for path in configs:
-        if path.stem == "temperature_vs_retraining":  # another recipe's config (tests/test_temperature.py)
-            continue
-        cfg = validate(SelfTrainConfig(**yaml.safe_load(path.read_text())))
-        load_task(cfg.task)
+        kind = TemperatureArguments if path.stem == "temperature_vs_retraining" else None
+        args, sft, model = recipe_args("--config", path, script_type=kind)
+        load_task(args.task)
+
+
+def test_round_args_derive_from_the_users_sftconfig(tmp_path):
+    _, sft, _ = recipe_args("--gradient_accumulation_steps", "3", "--seed", "7", "--output_dir", tmp_path)
+    run = RunDirectory(tmp_path)
+    for k in (1, 2):
+        args = round_args(sft, run, k)
+        assert args.gradient_accumulation_steps == 3 and args.learning_rate == sft.learning_rate
+        assert args.seed == args.data_seed == round_seed(7, k)
+        assert args.output_dir == str(tmp_path / "trainer" / f"round_{k}")
 
 
 @pytest.mark.slow  # the recipe imports torch and TRL: seconds of start-up
 def test_recipe_reports_bad_values_in_one_line(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "recipes" / "self_train.py"), "--task", "mountain_race",
                           "--mode", "best", "--output_dir", str(tmp_path / "out")],
-                         capture_output=True, text=True, cwd=ROOT, env=_env())
+                         capture_output=True, text=True, cwd=ROOT, env=recipe_env())
     assert run.returncode != 0
-    assert run.stderr.strip() == "self_train: error: mode must be one of filter, label, got 'best'"
+    assert run.stderr.strip() == ("self_train: error: argument --mode: invalid choice: 'best' "
+                                  "(choose from 'filter', 'label')")
     assert not (tmp_path / "out").exists()
 
 
-def _env() -> dict:
-    """The environment for running a recipe as a script from a checkout (lmcoh importable)."""
-    import os
-    return {**os.environ, "PYTHONPATH": str(ROOT)}
+@pytest.mark.slow
+def test_help_lists_the_trainer_and_model_settings():
+    run = subprocess.run([sys.executable, str(ROOT / "recipes" / "self_train.py"), "--help"],
+                         capture_output=True, text=True, cwd=ROOT, env=recipe_env())
+    assert run.returncode == 0
+    for flag in ("--gradient_accumulation_steps", "--lr_scheduler_type", "--bf16", "--dtype",
+                 "--attn_implementation", "--lora_target_modules", "--load_in_4bit", "--model_name_or_path",
+                 "--report_to", "--episodes_per_round", "seed: derived from (seed, K)"):
+        assert flag in run.stdout, flag
 
 
 # ---- seeds and sharding -------------------------------------------------------------------------
@@ -83,7 +127,7 @@ def test_shard_sizes_cover_every_episode():
 
 # ---- training texts ----------------------------------------------------------------------------
 def test_training_texts_filter_and_label():
-    from lmcoh.episodes import Episode
+    from lmcoh.tasks.episodes import Episode
 
     task = load_task("mountain_race")
     s = task.state_index
@@ -99,7 +143,7 @@ def test_training_texts_filter_and_label():
     assert prompts == ["<success>", "<failure>"]
     assert completions[1].endswith(" down <eoa>")
     # prompt + completion is exactly the episode's text under its outcome token
-    from lmcoh.text import episode_text
+    from lmcoh.lm.text import episode_text
     assert prompts[1] + completions[1] == episode_text(task, "failure", lose.states, lose.actions)
 
 
@@ -112,33 +156,47 @@ def _fake_round(out: Path, k: int) -> dict:
     return line
 
 
+def _config(tmp_path, *argv) -> dict:
+    return resolved_config(*recipe_args("--output_dir", tmp_path / "run", *argv))
+
+
 def test_output_dir_resume_discards_partial_rounds(tmp_path):
-    cfg = SelfTrainConfig(output_dir=str(tmp_path / "run"))
-    assert prepare_output_dir(cfg) == 0
-    out = Path(cfg.output_dir)
-    lines = [_fake_round(out, k) for k in range(2)]
-    (out / "rounds" / ".tmp-2").mkdir()                    # killed mid-round
-    (out / "metrics.jsonl").write_text(json.dumps(lines[0]) + "\n{\"round\": 1, \"succ")  # torn line
-    assert prepare_output_dir(SelfTrainConfig(output_dir=str(out), rounds=6)) == 2  # raising rounds resumes
-    assert not (out / "rounds" / ".tmp-2").exists()
-    assert [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] == lines
-    assert yaml.safe_load((out / "config.yaml").read_text())["rounds"] == 6
+    run = RunDirectory(tmp_path / "run")
+    assert run.prepare(_config(tmp_path)) == 0
+    lines = [_fake_round(run.path, k) for k in range(2)]
+    (run.rounds / ".tmp-2").mkdir()                       # killed mid-round
+    (run.path / "metrics.jsonl").write_text(json.dumps(lines[0]) + "\n{\"round\": 1, \"succ")  # torn line
+    assert run.prepare(_config(tmp_path, "--rounds", "6")) == 2  # raising rounds resumes
+    assert not (run.rounds / ".tmp-2").exists()
+    assert [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines()] == lines
+    assert yaml.safe_load((run.path / "config.yaml").read_text())["rounds"] == 6
 
 
 def test_output_dir_from_another_config_is_refused(tmp_path):
-    out = tmp_path / "run"
-    prepare_output_dir(SelfTrainConfig(output_dir=str(out)))
-    _fake_round(out, 0)
-    with pytest.raises(SelfTrainError, match="different config .learning_rate: 0.002 there, 0.01 now."):
-        check_output_dir(SelfTrainConfig(output_dir=str(out), learning_rate=0.01))
-    assert prepare_output_dir(SelfTrainConfig(output_dir=str(out), learning_rate=0.01, overwrite=True)) == 0
-    assert complete_rounds(out) == []
+    run = RunDirectory(tmp_path / "run")
+    run.prepare(_config(tmp_path))
+    _fake_round(run.path, 0)
+    with pytest.raises(RunError, match="different config .learning_rate: 0.002 there, 0.01 now."):
+        run.check(_config(tmp_path, "--learning_rate", "0.01"))
+    run.check(_config(tmp_path, "--report_to", "tensorboard", "--logging_steps", "5"))  # run-neutral
+    assert run.prepare(_config(tmp_path, "--learning_rate", "0.01"), overwrite=True) == 0
+    assert run.complete_rounds() == []
+
+
+def test_moved_output_dir_resumes(tmp_path):
+    old = RunDirectory(tmp_path / "run")
+    old.prepare(_config(tmp_path))
+    _fake_round(old.path, 0)
+    old.path.rename(tmp_path / "moved")
+    moved = RunDirectory(tmp_path / "moved")
+    config = resolved_config(*recipe_args("--config", moved.path / "config.yaml", "--output_dir", moved.path))
+    assert moved.prepare(config) == 1
 
 
 def test_output_dir_with_other_files_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(SelfTrainError, match="holds no self-training run"):
-        check_output_dir(SelfTrainConfig(output_dir=str(tmp_path)))
+    with pytest.raises(RunError, match="holds no self-training run"):
+        RunDirectory(tmp_path).check(_config(tmp_path))
 
 
 # ---- report --------------------------------------------------------------------------------------
@@ -167,7 +225,7 @@ def test_report_from_rows_has_targets_reading_and_plots(tmp_path):
 # ---- the loop, with a tiny untrained model (slow: it samples and trains) -----------------------
 def _tiny_model_dir(task, path: Path) -> str:
     from conftest import tiny_llama
-    from lmcoh.model import save_model
+    from lmcoh.lm.model import save_model
 
     loaded = tiny_llama(task)
     save_model(loaded.model, loaded.tokenizer, path, {})
@@ -178,19 +236,22 @@ def _numbers(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in rows]
 
 
+def self_train(*argv) -> Path:
+    """Run recipes/self_train.py's loop in this process with ``argv`` (progress bars off)."""
+    return recipe("self_train").main(*recipe_args("--disable_tqdm", "true", *argv))
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_metrics(tmp_path):
-    from lmcoh.selftrain import main
-
     task = load_task("lottery")
     model = _tiny_model_dir(task, tmp_path / "model")
-    settings = dict(task="lottery", model=model, episodes_per_round=64, num_train_epochs=1.0,
-                    per_device_train_batch_size=16, mode="label", progress=False)
-    straight = main(SelfTrainConfig(output_dir=str(tmp_path / "straight"), rounds=2, **settings))
+    settings = ["--task", "lottery", "--model_name_or_path", model, "--episodes_per_round", 64,
+                "--num_train_epochs", 1, "--per_device_train_batch_size", 16, "--mode", "label"]
+    straight = self_train(*settings, "--output_dir", tmp_path / "straight", "--rounds", 2)
     resumed = tmp_path / "resumed"
-    main(SelfTrainConfig(output_dir=str(resumed), rounds=1, **settings))
-    (resumed / "rounds" / ".tmp-2" / "adapter").mkdir(parents=True)  # a round killed half-way
-    main(SelfTrainConfig(output_dir=str(resumed), rounds=2, **settings))
+    self_train(*settings, "--output_dir", resumed, "--rounds", 1)
+    (resumed / "rounds" / ".tmp-2" / "model").mkdir(parents=True)  # a round killed half-way
+    self_train(*settings, "--output_dir", resumed, "--rounds", 2)
     a = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in a] == [r["round"] for r in b] == [0, 1, 2]
@@ -203,37 +264,48 @@ def test_killed_run_resumes_to_the_uninterrupted_metrics(tmp_path):
                          "target_incoherence", "token_incoherence", "sampled_success_rate",
                          "episodes_sampled", "episodes_kept", "sample_seconds", "train_seconds",
                          "eval_seconds"}
-    assert (resumed / "rounds" / "2" / "adapter" / "adapter_config.json").is_file()
+    assert (resumed / "rounds" / "2" / "model" / "adapter_config.json").is_file()
     assert len((resumed / "rounds" / "2" / "episodes.jsonl").read_text().splitlines()) == 64
     assert (resumed / "report.md").is_file() and not (resumed / "rounds" / ".tmp-2").exists()
 
 
+@pytest.mark.slow
+def test_trainer_settings_reach_the_run(tmp_path):
+    """The issue's command: gradient accumulation, a cosine schedule and TensorBoard, recorded and used."""
+    task = load_task("mountain_race")
+    out = self_train("--task", "mountain_race", "--model_name_or_path", _tiny_model_dir(task, tmp_path / "model"),
+                     "--rounds", 1, "--episodes_per_round", 64, "--gradient_accumulation_steps", 2,
+                     "--lr_scheduler_type", "cosine", "--report_to", "tensorboard", "--output_dir", tmp_path / "run")
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["gradient_accumulation_steps"] == 2 and config["lr_scheduler_type"] == "cosine"
+    assert config["report_to"] == ["tensorboard"]
+    assert list((out / "tensorboard" / "round_1").glob("events.out.tfevents.*"))
+    assert not (out / "trainer").exists()
+
+
 # ---- the quality bar (slow): the LM follows exact retraining G^(k+1)(p) -----------------------
-def _recipe_config(name: str, **overrides) -> SelfTrainConfig:
-    settings = yaml.safe_load((ROOT / "recipes" / "configs" / f"{name}.yaml").read_text())
-    return SelfTrainConfig(**{**settings, "progress": False, **overrides})
-
-
 def _rows(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def _config_file(name: str) -> Path:
+    return ROOT / "recipes" / "configs" / f"{name}.yaml"
+
+
 @pytest.fixture(scope="module")
 def mountain_prior(tmp_path_factory):
-    from lmcoh.pretrain import pretrain
+    from lmcoh.lm.pretrain import pretrain
 
-    cfg = _recipe_config("mountain_race")
+    args, sft, _ = recipe_args("--config", _config_file("mountain_race"))
     return str(pretrain(load_task("mountain_race"), tmp_path_factory.mktemp("prior") / "prior",
-                        episodes=cfg.pretrain_episodes, epochs=cfg.pretrain_epochs, seed=cfg.seed))
+                        episodes=args.pretrain_episodes, epochs=args.pretrain_epochs, seed=sft.seed))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["filter", "label"])
 def test_mountain_race_success_follows_exact_retraining(mode, mountain_prior, tmp_path):
-    from lmcoh.selftrain import main
-
-    out = main(_recipe_config("mountain_race", model=mountain_prior, mode=mode, rounds=3,
-                              output_dir=str(tmp_path / mode)))
+    out = self_train("--config", _config_file("mountain_race"), "--model_name_or_path", mountain_prior,
+                     "--mode", mode, "--rounds", 3, "--output_dir", tmp_path / mode)
     rows = _rows(out)
     targets = [r["target_success"] for r in rows]
     assert targets == pytest.approx([17 / 20, 0.8676, 0.8856, 0.9031], abs=1e-4)
@@ -245,14 +317,12 @@ def test_mountain_race_success_follows_exact_retraining(mode, mountain_prior, tm
 
 @pytest.mark.slow
 def test_lottery_follows_retraining_not_temperature(tmp_path):
-    from lmcoh.selftrain import main
-
     task = load_task("lottery")
-    out = main(_recipe_config("lottery", rounds=1, output_dir=str(tmp_path / "lottery")))
+    out = self_train("--config", _config_file("lottery"), "--rounds", 1, "--output_dir", tmp_path / "lottery")
     gamble = [json.loads((out / "rounds" / str(k) / "eval.json").read_text())["policy"]["desk"]["gamble"]
               for k in (0, 1)]
     retrain = [exact.policy_table(task, pi)["desk"]["gamble"] for pi in exact.sequence(task, "retrain", 2)]
     hot = exact.policy_table(task, exact.temperature_policy(task, 2.0))["desk"]["gamble"]
     assert retrain[1:] == pytest.approx([1 / 6, 1 / 26]) and hot == pytest.approx(2 / 7)
-    assert gamble[0] == pytest.approx(1 / 6, abs=0.05)      # issue 4: the prior is within 0.05 of G(p)
+    assert gamble[0] == pytest.approx(1 / 6, abs=0.05)    # the pretrained prior is within 0.05 of G(p)
     assert gamble[1] == pytest.approx(1 / 26, abs=0.03)   # G^2(p), far from temperature's 0.286

@@ -6,10 +6,13 @@ import math
 import numpy as np
 import pytest
 
-from lmcoh import exact, study, study_report
-from lmcoh.cli import _jsonable, main
-from lmcoh.generators import random_tree
-from lmcoh.library import load_task
+from lmcoh.oracle import exact
+from lmcoh.study import claims as study
+from lmcoh.study import report as study_report
+from lmcoh.cli import main
+from lmcoh.io import jsonable
+from lmcoh.tasks.generators import random_tree
+from lmcoh.tasks.library import load_task
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +131,7 @@ def test_report_has_the_paper_numbers_and_is_written_atomically(tmp_path, tasks)
     sections = [study.paper_examples(tasks["mountain_race"]),
                 study.horizon_correlation(study.random_mdps(6, seed=1)),
                 study.stochastic_divergence(tasks["stochastic_example"], tasks["lottery"], [], steps=2)]
-    result = _jsonable({"config": {"seed": 0, "quick": True}, "thresholds": study.THRESHOLDS,
+    result = jsonable({"config": {"seed": 0, "quick": True}, "thresholds": study.THRESHOLDS,
                         "sections": sections, "seconds": 1.0})
     out = study_report.write(result, tmp_path / "study")
     text = (out / "report.md").read_text()

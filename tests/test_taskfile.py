@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmcoh import cli, exact, library, taskfile
-from lmcoh.task import Task, TaskError
+from lmcoh import cli
+from lmcoh.oracle import exact
+from lmcoh.tasks import library, taskfile
+from lmcoh.tasks.task import Task, TaskError
 
 REPO = Path(__file__).resolve().parent.parent
 

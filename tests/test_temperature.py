@@ -1,23 +1,32 @@
 """Temperature vs retraining: the exact comparison, the rejection sampler, the outputs; slow: the LM quality bar."""
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from lmcoh import exact
-from lmcoh.episodes import sample_prior_episodes
-from lmcoh.library import load_task
-from lmcoh.temperature import (Methods, ProposalPool, TemperatureConfig, TemperatureError, acceptance_rate,
-                               break_even, check_config, compare, empirical_policy, exact_comparison,
-                               rejection_sample, write_outputs)
+from conftest import ROOT, recipe, recipe_args, recipe_env
+from lmcoh.errors import RunError
+from lmcoh.oracle import exact
+from lmcoh.oracle.exact import acceptance_rate
+from lmcoh.report.temperature import write_outputs
+from lmcoh.runs.arguments import TemperatureArguments
+from lmcoh.runs.temperature import (Methods, ProposalPool, break_even, check_comparison, empirical_policy,
+                                    exact_comparison, rejection_sample)
+from lmcoh.tasks.episodes import sample_prior_episodes
+from lmcoh.tasks.library import load_task
 
-ROOT = Path(__file__).resolve().parent.parent
+
+def compare(*args, **kwargs):
+    """recipes/temperature_vs_retraining.py's loop over k."""
+    return recipe("temperature_vs_retraining").compare(*args, **kwargs)
+
+
+def temperature_args(*argv):
+    return recipe_args(*argv, script_type=TemperatureArguments)
 ROW_KEYS = ["k", "exact_retrain_success", "exact_temperature_success", "exact_tv_retrain_vs_temperature",
             "lm_retrain_success", "lm_rejection_success", "lm_tv_retrain_vs_rejection",
             "lm_logit_temperature_success", "rejection_samples_per_episode", "retrain_seconds",
@@ -93,7 +102,7 @@ def test_empirical_policy_counts_per_step_and_keeps_the_prior_where_unvisited():
     task = load_task("mountain_race")
     s = task.state_index
     up = {st: next(a for a in task.actions_of(s[st]) if task.action_names[a] == "up") for st in ("start", "ridge")}
-    from lmcoh.episodes import Episode
+    from lmcoh.tasks.episodes import Episode
     eps = [Episode([s["start"], s["ridge"], s["gold"]], [up["start"], up["ridge"]], None, 1.0, True)] * 3
     pi = empirical_policy(task, eps)
     table = exact.policy_table(task, pi)
@@ -159,33 +168,40 @@ def test_comparison_on_a_deterministic_task_reads_as_equal(tmp_path, name, fold)
 
 
 # ---- config and errors -------------------------------------------------------------------------
-def test_check_config_refuses_in_one_line(tmp_path):
+def test_check_comparison_refuses_in_one_line(tmp_path):
     task = load_task("lottery")
-    with pytest.raises(TemperatureError, match="rejection sampling at alpha = 5 accepts 0.0") as err:
-        check_config(TemperatureConfig(rounds=4, rejection_episodes=2000, max_proposals=10_000,
-                                       output_dir=str(tmp_path / "a")), task)
+    args, _, _ = temperature_args("--rounds", 4, "--rejection_episodes", 2000, "--max_proposals", 10_000)
+    with pytest.raises(RunError, match="rejection sampling at alpha = 5 accepts 0.0") as err:
+        check_comparison(args, str(tmp_path / "a"), task)
     assert "\n" not in str(err.value)
-    with pytest.raises(TemperatureError, match="exists; pass --overwrite"):
-        check_config(TemperatureConfig(output_dir=str(tmp_path)), task)
-    with pytest.raises(TemperatureError, match="holds no complete self-training round"):
-        check_config(TemperatureConfig(output_dir=str(tmp_path / "b"), selftrain_dir=str(tmp_path)), task)
+    args, _, _ = temperature_args()
+    with pytest.raises(RunError, match="exists; pass --overwrite"):
+        check_comparison(args, str(tmp_path), task)
+    args, _, _ = temperature_args("--selftrain_dir", tmp_path)
+    with pytest.raises(RunError, match="holds no complete self-training round"):
+        check_comparison(args, str(tmp_path / "b"), task)
 
 
+def test_bad_values_fail_in_one_line():
+    with pytest.raises(RunError, match="rejection_episodes must be >= 1, got 0"):
+        temperature_args("--rejection_episodes", 0)
+
+
+@pytest.mark.slow  # the recipe imports torch and TRL: seconds of start-up
 def test_recipe_reports_bad_values_in_one_line(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "recipes" / "temperature_vs_retraining.py"),
                           "--config", str(ROOT / "recipes" / "configs" / "temperature_vs_retraining.yaml"),
                           "--rejection_episodes", "0", "--output_dir", str(tmp_path / "out")],
-                         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         capture_output=True, text=True, cwd=ROOT, env=recipe_env())
     assert run.returncode != 0
-    assert run.stderr.strip() == "temperature_vs_retraining: error: rejection_episodes must be positive, got 0"
+    assert run.stderr.strip() == "temperature_vs_retraining: error: rejection_episodes must be >= 1, got 0"
     assert not (tmp_path / "out").exists()
 
 
 def test_recipe_config_loads():
-    cfg = TemperatureConfig(**yaml.safe_load((ROOT / "recipes" / "configs" / "temperature_vs_retraining.yaml").read_text()))
-    cfg.output_dir = "/nonexistent/out"
-    check_config(cfg, load_task(cfg.task))
-    assert cfg.rounds + 1 >= 2 and cfg.learning_rate == 2e-3
+    args, sft, _ = temperature_args("--config", ROOT / "recipes" / "configs" / "temperature_vs_retraining.yaml")
+    check_comparison(args, "/nonexistent/out", load_task(args.task))
+    assert args.rounds + 1 >= 2 and sft.learning_rate == 2e-3
 
 
 def test_selftrain_dir_of_another_task_is_refused(tmp_path):
@@ -193,8 +209,9 @@ def test_selftrain_dir_of_another_task_is_refused(tmp_path):
     (st / "rounds" / "0").mkdir(parents=True)
     (st / "rounds" / "0" / "metrics.json").write_text("{}")
     (st / "config.yaml").write_text(yaml.safe_dump({"task": "mountain_race"}))
-    with pytest.raises(TemperatureError, match="self-trained task 'mountain_race', not 'lottery'"):
-        check_config(TemperatureConfig(output_dir=str(tmp_path / "out"), selftrain_dir=str(st)), load_task("lottery"))
+    args, _, _ = temperature_args("--selftrain_dir", st)
+    with pytest.raises(RunError, match="self-trained task 'mountain_race', not 'lottery'"):
+        check_comparison(args, str(tmp_path / "out"), load_task("lottery"))
 
 
 # ---- the language model (slow) -------------------------------------------------------------------
@@ -203,14 +220,9 @@ def test_selftrain_dir_of_another_task_is_refused(tmp_path):
 def test_lm_retraining_against_rejection_sampling(tmp_path, name):
     """Lottery: the LM parts ways like the exact policies (TV >= 0.15 at k = 2), each method
     within 0.05 of its own exact target. Mountain race: retrained LM and rejection agree (TV <= 0.08)."""
-    from lmcoh.temperature import run
-
-    from lmcoh.pretrain import PretrainConfig
-
-    cfg = TemperatureConfig(task=name, output_dir=str(tmp_path / "out"), rounds=1, rejection_episodes=1500,
-                            episodes_per_round=1500, pretrain_episodes=PretrainConfig.episodes,
-                            pretrain_epochs=PretrainConfig.epochs, progress=False)
-    out = run(cfg)
+    out = recipe("temperature_vs_retraining").main(*temperature_args(
+        "--task", name, "--output_dir", tmp_path / "out", "--rounds", 1, "--rejection_episodes", 1500,
+        "--episodes_per_round", 1500, "--disable_tqdm", "true"))
     rows = json.loads((out / "comparison.json").read_text())["rows"]
     lm = json.loads((out / "details.json").read_text())["lm"]
     assert [list(r) for r in rows] == [ROW_KEYS] * 3
@@ -224,5 +236,5 @@ def test_lm_retraining_against_rejection_sampling(tmp_path, name):
         assert max(r["exact_tv_retrain_vs_temperature"] for r in rows) <= 1e-9
         assert lm[1]["retrain_tv_to_exact"] <= 0.08, (
             f"the success-prompted prior is {lm[1]['retrain_tv_to_exact']:.3f} TV from G(p): "
-            "pretraining did not learn goal conditioning (lmcoh.pretrain), so nothing downstream can match")
+            "pretraining did not learn goal conditioning (lmcoh.lm.pretrain), so nothing downstream can match")
         assert max(r["lm_tv_retrain_vs_rejection"] for r in rows) <= 0.08

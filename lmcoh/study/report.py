@@ -6,15 +6,15 @@ leaves no half-written output. matplotlib (Agg) is imported only when plotting.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from .report import markdown_table
-from .task import TaskError
+from ..errors import TaskError
+from ..io import replace_dir, write_json, write_text
+from ..report.plots import pyplot, save
+from ..report.tables import markdown_table
 
 MAX_ROWS = 60  # longer tables are cut in report.md (study.json has every row)
 
@@ -138,11 +138,7 @@ def _plot_slip(ax, section: dict) -> None:
 
 def plots(result: dict, out: Path) -> dict[int, str]:
     """One PNG per section that asks for a plot; returns {section id: file name}."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     drawn = {}
     for s in result["sections"]:
         kind = s.get("plot", {}).get("kind")
@@ -158,10 +154,8 @@ def plots(result: dict, out: Path) -> dict[int, str]:
             if kind == "bars":
                 ax.legend(fontsize=7)
         fig.suptitle(f"{s['id']}. {s['title']} ({s['verdict']})", fontsize=10)
-        fig.tight_layout()
         name = f"section{s['id']}_{kind}.png"
-        fig.savefig(out / name)
-        plt.close(fig)
+        save(fig, out / name)
         drawn[s["id"]] = name
     return drawn
 
@@ -179,16 +173,10 @@ def write(result: dict, out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        (tmp / "study.json").write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+        write_json(tmp / "study.json", result, indent=1)
         drawn = plots(result, tmp)
-        (tmp / "report.md").write_text(markdown(result, drawn))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        write_text(tmp / "report.md", markdown(result, drawn))
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

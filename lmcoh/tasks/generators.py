@@ -17,6 +17,7 @@ from collections import deque
 
 import numpy as np
 
+from ..errors import first_line
 from .task import Task, TaskError
 from .task import safe_log as _log
 
@@ -285,9 +286,9 @@ def gym_task(env_id: str, horizon: int | None = None, **kwargs) -> Task:
             env = gymnasium.make(env_id, **kwargs).unwrapped
     except (gymnasium.error.Error, ImportError) as err:
         known = sorted(k for k in gymnasium.registry if k.startswith(tuple(GYM_ACTIONS)))
-        raise TaskError(f"gym:{env_id}: {_first_line(err)} (installed: {', '.join(known)})") from None
+        raise TaskError(f"gym:{env_id}: {first_line(err)} (installed: {', '.join(known)})") from None
     except (TypeError, ValueError) as err:
-        raise TaskError(f"gym:{env_id}: bad environment argument: {_first_line(err)}") from None
+        raise TaskError(f"gym:{env_id}: bad environment argument: {first_line(err)}") from None
     table, start_p = env.P, np.asarray(env.initial_state_distrib, dtype=float)
     describe = _GYM_TEXT[family](env)
 
@@ -337,9 +338,6 @@ def gym_task(env_id: str, horizon: int | None = None, **kwargs) -> Task:
         "description": f"gymnasium {env_id} ({len(states)} reachable states), success = reaching the goal."},
         source=name)
 
-
-def _first_line(err: Exception) -> str:
-    return " ".join(str(err).split())[:200]
 
 
 def _frozen_lake_text(env):

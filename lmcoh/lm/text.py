@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .task import Task
+from ..tasks.task import Task
 
 GOALS = ("success", "failure", "none")
 GOAL_TOKENS = {"success": "<success>", "failure": "<failure>", "none": ""}
@@ -69,3 +69,8 @@ def episode_text(task: Task, goal: str, states: Sequence[int], actions: Sequence
         parts.append(state_chunk(task, s, step))
         parts.append(action_chunk(task.action_names[a]))
     return "".join(parts)
+
+
+def episode_record(task: Task, episode) -> dict:
+    """An episode as one JSON line: its transcript, then `Episode.to_json`'s fields."""
+    return {"text": episode_text(task, episode.goal, episode.states, episode.actions), **episode.to_json(task)}

@@ -1,9 +1,9 @@
 """Batched rollouts of an LM policy with the environment in the loop.
 
-All live episodes of a batch step together on one KV cache (`lmcoh.policy.Context`): at each
+All live episodes of a batch step together on one KV cache (`lmcoh.lm.scoring.Context`): at each
 decision one forward scores every legal action of every live episode (the candidates' tokens
 through the token trie, teacher-forced on a copy of the cache), the action is drawn from the
-renormalised scores, so samples follow exactly the distribution `policy.tabulate` computes, and
+renormalised scores, so samples follow exactly the distribution `lmcoh.lm.tabulate.tabulate` computes, and
 one more forward appends the chosen action and the next state's text to the cache. Episodes
 that end leave the batch.
 
@@ -19,9 +19,9 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from .episodes import Episode, _pick, episode_logq
-from .policy import Codec, Context, renormalise
-from .task import Task
+from ..tasks.episodes import Episode, _pick, episode_logq
+from .scoring import Codec, Context, renormalise
+from ..tasks.task import Task
 from .text import goal_prefix
 
 

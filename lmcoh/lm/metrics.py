@@ -19,8 +19,8 @@ import math
 
 import numpy as np
 
-from . import exact
-from .task import Task
+from ..oracle import exact
+from ..tasks.task import Task
 
 RETRAIN_STEPS = 4  # tv_to_retrain reports k = 0..RETRAIN_STEPS
 
@@ -87,14 +87,12 @@ def report(task: Task, lm, goal: str, delta: float = 1.0) -> dict:
     occ = exact.occupancy(task, pi)
     state = exact.summary(task, pi, delta)
     tokens = token_incoherence(task, pi, lm.action_tokens, delta, occ)
-    num = exact.json_number
     out = {"task": task.name, "goal": goal,
            "success": float(lm.success),
-           "return": num(state["return"]),
-           "incoherence": num(state["incoherence"]),
+           "return": state["return"],
+           "incoherence": state["incoherence"],
            "incoherence_finite_part": float(state["incoherence_finite_part"]),
-           "token_incoherence": {"total": num(tokens["total"]),
-                                 "by_position": [num(x) for x in tokens["by_position"]]},
+           "token_incoherence": {"total": tokens["total"], "by_position": tokens["by_position"]},
            "tv_to_retrain": tv_to(task, pi, exact.sequence(task, "retrain", RETRAIN_STEPS), occ),
            "histories": int(lm.histories),
            "exact": bool(lm.exact)}
@@ -110,7 +108,7 @@ def evaluate(loaded, task: Task, goal: str = "success", temperature: float = 1.0
              seed: int = 0, batch_size: int = 256, mc_episodes: int = 4000,
              progress: bool = False) -> dict:
     """Tabulate ``loaded`` prompted with ``goal`` on ``task`` and `report` on it."""
-    from .policy import tabulate  # torch: only when a model is evaluated
+    from .tabulate import tabulate  # torch: only when a model is evaluated
 
     lm = tabulate(loaded, task, goal, temperature, mode, max_histories, seed=seed,
                   batch_size=batch_size, mc_episodes=mc_episodes, progress=progress)

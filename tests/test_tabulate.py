@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from conftest import RING, task_from_yaml, tiny_gpt2, tiny_llama
-from lmcoh import exact, policy, text
-from lmcoh.library import load_task
+from lmcoh.lm import scoring, tabulate, text
+from lmcoh.oracle import exact
+from lmcoh.tasks.library import load_task
 
 
 def naive_logprobs(loaded, task, prompt, state, temperature=1.0):
@@ -44,14 +45,14 @@ def test_scores_match_one_sequence_at_a_time(mountain):
     lm = tiny_llama(mountain, seed=1)
     prompts = [text.prompt(mountain, "success", [0], []), text.prompt(mountain, "success", [0, 1], [0]),
                text.prompt(mountain, "none", [0, 2], [1])]
-    got = policy.action_logprobs(lm, mountain, prompts, [0, 1, 2], temperature=0.7)
+    got = scoring.action_logprobs(lm, mountain, prompts, [0, 1, 2], temperature=0.7)
     for p, s, g in zip(prompts, [0, 1, 2], got):
         np.testing.assert_allclose(g, naive_logprobs(lm, mountain, p, s, 0.7), atol=1e-5)
 
 
 def test_bpe_model_multi_token_actions(expedition):
     lm = tiny_gpt2(expedition, seed=2)
-    codec = policy.Codec(lm.tokenizer, expedition)
+    codec = scoring.Codec(lm.tokenizer, expedition)
     assert min(len(codec.actions[a]) for a in range(expedition.n_actions)) >= 4
     for t, frontier in histories(expedition):
         for states, actions, _ in frontier:
@@ -60,7 +61,7 @@ def test_bpe_model_multi_token_actions(expedition):
             assert codec.prompt("success", states, actions) == codec.encode(prompt)
     states, actions = [0, 1], [0]
     prompt = text.prompt(expedition, "failure", states, actions)
-    got = policy.action_logprobs(lm, expedition, [prompt], [1], temperature=1.3)[0]
+    got = scoring.action_logprobs(lm, expedition, [prompt], [1], temperature=1.3)[0]
     np.testing.assert_allclose(got, naive_logprobs(lm, expedition, prompt, 1, 1.3), atol=1e-5)
 
 
@@ -97,9 +98,9 @@ def _history_weights(lm, task, goal, mode="history"):
 def test_tabulate_equals_brute_force_over_histories(ref):
     task = task_from_yaml(RING, "ring") if ref == "ring" else load_task(ref)
     lm = tiny_llama(task, seed=4)
-    got = policy.tabulate(lm, task, goal="success", batch_size=7)
+    got = tabulate.tabulate(lm, task, goal="success", batch_size=7)
     table, success, visits = _history_weights(lm, task, "success")
-    assert got.exact and got.histories == policy.count_histories(task)
+    assert got.exact and got.histories == tabulate.count_histories(task)
     for p, q in zip(got.policy, table):
         np.testing.assert_allclose(p, q, atol=1e-6)
     for v, w in zip(got.visits, visits):
@@ -111,14 +112,14 @@ def test_tabulate_equals_brute_force_over_histories(ref):
                                  "random-tree:T=4,A=3,stochastic=1"])
 def test_count_histories_matches_enumeration(ref):
     task = load_task(ref)
-    assert policy.count_histories(task) == sum(len(f) for _, f in histories(task))
+    assert tabulate.count_histories(task) == sum(len(f) for _, f in histories(task))
 
 
 def test_markov_prompts_give_a_markov_policy(ring):
     task = ring
     assert task.recurring
     lm = tiny_llama(task, seed=5)
-    got = policy.tabulate(lm, task, goal="none", mode="markov")
+    got = tabulate.tabulate(lm, task, goal="none", mode="markov")
     for t, layer in enumerate(task.layers):
         for i, s in enumerate(layer.states):
             prompt = text.prompt(task, "none", [int(s)] * (t + 1), [], mode="markov")
@@ -130,8 +131,8 @@ def test_markov_prompts_give_a_markov_policy(ring):
 def test_monte_carlo_fallback_within_its_confidence_intervals(ring):
     task = ring
     lm = tiny_llama(task, seed=6)
-    full = policy.tabulate(lm, task, goal="success")
-    mc = policy.tabulate(lm, task, goal="success", max_histories=10, mc_episodes=500, seed=1)
+    full = tabulate.tabulate(lm, task, goal="success")
+    mc = tabulate.tabulate(lm, task, goal="success", max_histories=10, mc_episodes=500, seed=1)
     assert not mc.exact and mc.episodes == 500 and mc.histories == full.histories
     assert abs(mc.success - full.success) <= 1.5 * mc.success_ci
     for t in range(len(task.layers)):
@@ -144,8 +145,8 @@ def test_temperature_flattens_and_sharpens(mountain):
     lm = tiny_llama(mountain, seed=7)
     ent = []
     for temperature in (0.25, 1.0, 4.0):
-        p = policy.tabulate(lm, mountain, temperature=temperature).policy[0]
+        p = tabulate.tabulate(lm, mountain, temperature=temperature).policy[0]
         ent.append(-np.sum(p * np.log(p)))
     assert ent[0] < ent[1] < ent[2]
     with pytest.raises(ValueError):
-        policy.tabulate(lm, mountain, temperature=0.0)
+        tabulate.tabulate(lm, mountain, temperature=0.0)

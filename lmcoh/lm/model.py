@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,16 +27,19 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llam
                           PreTrainedTokenizerFast)
 from transformers.utils import logging as hf_logging
 
-from .task import Task
+from ..errors import ModelError, first_line
+from ..io import replace_dir, write_json
+from ..tasks.task import Task
 from .text import GOAL_TOKENS, SPECIAL_WORDS, action_chunk, state_chunk
+
+# peft reads transformers' deprecated `is_gradient_checkpointing`: their warning, not the user's.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 META_FILE = "lmcoh.json"
 TEXT_FORMAT = 1  # bump when lmcoh/text.py writes episodes differently
 BOS, EOS, PAD, UNK = "<bos>", "<eos>", "<pad>", "<unk>"
 
 
-class ModelError(Exception):
-    """A model that cannot be built, loaded or saved; the message is one line for the user."""
 
 
 @dataclass
@@ -97,11 +101,14 @@ def default_device() -> str:
 
 
 def load_model(path_or_id: str, adapter: str | None = None, device: str | None = None,
-               offline: bool = True) -> LoadedModel:
+               offline: bool = True, trainable: bool = False, **init_kwargs) -> LoadedModel:
     """Load an lmcoh or any Hugging Face causal-LM directory (or a hub id) for inference.
 
     Hub ids go to ``from_pretrained`` unchanged; with ``offline`` (or ``HF_HUB_OFFLINE=1``)
-    only the local cache is consulted. Never runs remote code.
+    only the local cache is consulted. Never runs remote code. ``init_kwargs`` go to
+    ``from_pretrained`` (``dtype``, ``attn_implementation``, ``revision``,
+    ``quantization_config``: see `model_init_kwargs`); ``trainable`` loads the adapter for
+    further training.
     """
     device = device or default_device()
     path = Path(path_or_id).expanduser()
@@ -117,24 +124,26 @@ def load_model(path_or_id: str, adapter: str | None = None, device: str | None =
     try:
         with quiet_hf():
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-            model = AutoModelForCausalLM.from_pretrained(source, local_files_only=local_only)
+            model = AutoModelForCausalLM.from_pretrained(source, local_files_only=local_only, **init_kwargs)
     except Exception as err:  # transformers raises many types; the user needs one line
         if source == path_or_id and not path.exists():
             raise ModelError(f"{path_or_id}: not a local model directory, and not in the local Hugging Face "
-                             f"cache{' (offline)' if local_only else ''}: {_first_line(err)}") from None
-        raise ModelError(f"{path_or_id}: cannot load model: {_first_line(err)}") from None
+                             f"cache{' (offline)' if local_only else ''}: {first_line(err)}") from None
+        raise ModelError(f"{path_or_id}: cannot load model: {first_line(err)}") from None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ModelError(f"{path_or_id}: the tokenizer has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
     meta = _read_meta(path) if path.is_dir() else {}
     if adapter is not None:
-        model, meta["adapter"] = _attach_adapter(model, adapter, path_or_id)
-    model.to(device).eval()
+        model, meta["adapter"] = _attach_adapter(model, adapter, path_or_id, trainable)
+    if "quantization_config" not in init_kwargs:  # quantized weights are placed by bitsandbytes
+        model.to(device)
+    model.eval()
     return LoadedModel(model, tokenizer, meta, device, str(path_or_id))
 
 
-def _attach_adapter(model, adapter: str, base_name: str):
+def _attach_adapter(model, adapter: str, base_name: str, trainable: bool = False):
     from peft import PeftModel
 
     adir = Path(adapter).expanduser()
@@ -145,9 +154,9 @@ def _attach_adapter(model, adapter: str, base_name: str):
     if expected is not None and expected != fingerprint(model):
         raise ModelError(f"{adapter}: adapter was trained on another base model than {base_name}")
     try:
-        return PeftModel.from_pretrained(model, str(adir)), meta
+        return PeftModel.from_pretrained(model, str(adir), is_trainable=trainable), meta
     except Exception as err:
-        raise ModelError(f"{adapter}: adapter does not fit base model {base_name}: {_first_line(err)}") from None
+        raise ModelError(f"{adapter}: adapter does not fit base model {base_name}: {first_line(err)}") from None
 
 
 def fingerprint(model) -> str:
@@ -178,7 +187,7 @@ def _read_meta(path: Path) -> dict:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as err:
-        raise ModelError(f"{path / META_FILE}: unreadable lmcoh metadata: {_first_line(err)}") from None
+        raise ModelError(f"{path / META_FILE}: unreadable lmcoh metadata: {first_line(err)}") from None
 
 
 def _looks_like_path(ref: str) -> bool:
@@ -188,11 +197,6 @@ def _looks_like_path(ref: str) -> bool:
 
 def _env_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0][:300]
 
 
 # ---- saving -------------------------------------------------------------------------------------------
@@ -213,16 +217,10 @@ def save_model(model, tokenizer, out_dir: str | Path, meta: dict) -> Path:
         with quiet_hf():
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            out.rename(old / "dir")
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        write_json(tmp / META_FILE, meta, indent=2)
+        replace_dir(tmp, out)
     except OSError as err:
-        raise ModelError(f"{out_dir}: cannot save model: {_first_line(err)}") from None
+        raise ModelError(f"{out_dir}: cannot save model: {first_line(err)}") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -240,13 +238,28 @@ def check_out_dir(out_dir: str | Path) -> Path:
 
 # ---- adapters and task checks -----------------------------------------------------------------------
 
-def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.0):
-    """Wrap ``model`` in a trainable LoRA adapter on every linear layer (peft)."""
+def add_lora(model, config=None):
+    """Wrap ``model`` in a trainable adapter: ``config`` (a peft `LoraConfig`), by default LoRA
+    of rank 16 on every linear layer."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
-                        task_type="CAUSAL_LM")
+    if config is None:
+        config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def model_init_kwargs(model_args) -> dict:
+    """``from_pretrained`` arguments from TRL's `ModelConfig` (dtype, attention, revision,
+    quantization). Never ``trust_remote_code``."""
+    from trl import get_quantization_config
+
+    kwargs = {"revision": model_args.model_revision, "dtype": model_args.dtype}
+    if model_args.attn_implementation is not None:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    quantization = get_quantization_config(model_args)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    return kwargs
 
 
 def check_task_fits(loaded: LoadedModel, task: Task) -> None:

@@ -1,8 +1,8 @@
-"""Reports: markdown tables and PNG plots of metrics that come in rounds.
+"""The self-training report: report.md with its table, reading and plots (success,
+incoherence, TV to the exact target per round).
 
-The functions take plain rows (dicts as in metrics.jsonl, infinities as the string ``"inf"``)
-so any recipe that produces rounds can reuse them. matplotlib runs on the Agg backend
-(no display needed) and is imported only when a plot is drawn.
+The functions take plain rows (dicts as in metrics.jsonl, lmcoh.io's JSON convention), so any
+recipe that produces rounds can reuse them.
 """
 
 from __future__ import annotations
@@ -10,59 +10,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-
-def number(x) -> float:
-    """A metrics value as a float: ``"inf"`` -> inf, None -> nan."""
-    if x is None:
-        return math.nan
-    return float(x)
-
-
-def fmt(x, digits: int = 3) -> str:
-    if x is None:
-        return "-"
-    v = number(x)
-    if math.isinf(v):
-        return "inf" if v > 0 else "-inf"
-    return f"{v:.{digits}f}"
-
-
-def markdown_table(headers: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def plot_rounds(path: Path, series: list[tuple[str, list[int], list, dict]], *, title: str,
-                ylabel: str, hlines: list[tuple[str, float]] = (), note: str = "") -> Path:
-    """One PNG: each series is (label, rounds, values, matplotlib style kwargs).
-
-    Non-finite values are left out of their line; ``note`` (e.g. which rounds were infinite)
-    goes under the title.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for label, xs, ys, style in series:
-        pts = [(x, number(y)) for x, y in zip(xs, ys) if math.isfinite(number(y))]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
-    for label, y in hlines:
-        ax.axhline(y, color="grey", linestyle=":", label=label)
-    ax.set_xlabel("round")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title + (f"\n{note}" if note else ""), fontsize=10)
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+from ..io import number
+from .plots import plot_rounds
+from .tables import fmt, markdown_table
 
 
 def _infinite_rounds(rows: list[dict], key: str) -> str:

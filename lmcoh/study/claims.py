@@ -4,16 +4,15 @@ One function per claim. Each returns a *section*: ``{"id", "title", "claim", "co
 "rows", "checks", "verdict", "note"}``. A check is ``{"check", "verdict", "evidence"}``; its
 verdict is computed from the rows through the thresholds below, never typed in, and the
 section's verdict is the worst of its checks. Numbers that may be infinite are stored with
-`exact.json_number`, so a section is plain JSON.
+`lmcoh.io.jsonable`, so a section is plain JSON.
 
-numpy only: the study runs on the exact oracle (`lmcoh.exact`); self-training runs are read
+numpy only: the study runs on the exact oracle (`lmcoh.oracle.exact`); self-training runs are read
 from their ``metrics.jsonl``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -22,9 +21,10 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from . import exact
-from .exact import Policy
-from .task import Task, TaskError
+from ..io import jsonable, number, read_jsonl
+from ..oracle import exact
+from ..oracle.exact import Policy
+from ..tasks.task import Task, TaskError
 
 HOLDS, CAVEAT, FAILS, SKIPPED = "holds", "holds with a caveat", "fails", "not tested"
 _RANK = {HOLDS: 0, SKIPPED: 0, CAVEAT: 1, FAILS: 2}
@@ -75,8 +75,8 @@ def _check(name: str, verdict: str, evidence: str) -> dict:
     return {"check": name, "verdict": verdict, "evidence": evidence}
 
 
-def _num(x: float) -> float | str:
-    return exact.json_number(float(x))
+def _num(x: float) -> float | str | None:
+    return jsonable(float(x))
 
 
 def _g(x: float) -> str:
@@ -577,7 +577,7 @@ def effective_horizon(task: Task) -> int:
 
 def random_mdps(n: int, seed: int = 0) -> list[Task]:
     """n random trees, T in 2..6, A in {2, 4}, deterministic or stochastic, q = 0 raised to 0.01."""
-    from .generators import random_tree
+    from ..tasks.generators import random_tree
 
     rng = np.random.default_rng(seed)
     out = []
@@ -735,10 +735,7 @@ def read_run(path: str | Path) -> tuple[str, list[dict]]:
     metrics = path / "metrics.jsonl"
     if not metrics.is_file():
         raise TaskError(f"{path}: not a self-training output directory (no metrics.jsonl)")
-    try:
-        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    except json.JSONDecodeError as err:
-        raise TaskError(f"{metrics}: bad JSON line ({err.msg})") from None
+    rows = read_jsonl(metrics)
     task = path.name
     config = path / "config.yaml"
     if config.is_file():
@@ -748,26 +745,22 @@ def read_run(path: str | Path) -> tuple[str, list[dict]]:
     return str(task), rows
 
 
-def _f(x) -> float:
-    return math.nan if x is None else float(x)
-
-
 def selftrain_runs(runs: list[tuple[str, str, list[dict]]]) -> dict:
     """The LM's per-round success, increments and incoherence beside the exact targets."""
     rows, gaps = [], []
     for name, task, lines in runs:
         prev = None
         for line in lines:
-            s, target = _f(line.get("success")), _f(line.get("target_success"))
+            s, target = number(line.get("success")), number(line.get("target_success"))
             row = {"run": name, "task": task, "round": line.get("round"), "LM success": s, "exact success": target,
                    "LM increment": s - prev[0] if prev else math.nan,
                    "exact increment": target - prev[1] if prev else math.nan,
-                   "TV to target": _f(line.get("tv_to_target")),
+                   "TV to target": number(line.get("tv_to_target")),
                    "LM incoherence": line.get("incoherence"), "exact incoherence": line.get("target_incoherence")}
             rows.append({k: (_num(v) if isinstance(v, float) and not math.isnan(v) else
                              "-" if isinstance(v, float) or v is None else v) for k, v in row.items()})
             if not math.isnan(target):
-                gaps.append(max(abs(s - target), _f(line.get("tv_to_target"))))
+                gaps.append(max(abs(s - target), number(line.get("tv_to_target"))))
             prev = (s, target)
     if not runs:
         checks = [_check("the LM follows the exact retraining sequence", SKIPPED, "no --runs given")]
@@ -801,7 +794,7 @@ class StudyConfig:
 
 
 def _grid(size: int, slip: float, seed: int) -> Task:
-    from .generators import gridworld
+    from ..tasks.generators import gridworld
 
     task = gridworld(size=size, slip=slip, horizon=2 * (size - 1) + 2, seed=seed)
     return dataclasses.replace(task, extra={"slip": slip})
@@ -809,8 +802,8 @@ def _grid(size: int, slip: float, seed: int) -> Task:
 
 def default_tasks(cfg: StudyConfig) -> dict:
     """The task sets of every section (generated from ``cfg.seed``; smaller with ``quick``)."""
-    from .generators import random_tree
-    from .library import builtin_tasks, load_task
+    from ..tasks.generators import random_tree
+    from ..tasks.library import builtin_tasks, load_task
 
     s, q = cfg.seed, cfg.quick
     builtin = {name: load_task(name) for name in builtin_tasks()}
@@ -883,3 +876,13 @@ def run_study(cfg: StudyConfig, progress: Callable[[str], None] | None = None) -
             progress(f"[{i + 1}/{len(jobs)}] {name}: {sections[-1]['verdict']} ({time.perf_counter() - start:.1f} s)")
     return {"config": dataclasses.asdict(cfg), "thresholds": THRESHOLDS, "sections": sections,
             "seconds": time.perf_counter() - t0}
+
+
+def verdict_counts(result: dict) -> str:
+    """``"9 sections: 5 hold, 2 hold with a caveat, 1 fails, 1 not tested"``: verdicts counted."""
+    verdicts = [s["verdict"] for s in result["sections"]]
+    plural = {HOLDS: "hold", CAVEAT: "hold with a caveat", FAILS: "fail", SKIPPED: "not tested"}
+    singular = {HOLDS: "holds", CAVEAT: "holds with a caveat", FAILS: "fails", SKIPPED: "not tested"}
+    parts = [f"{n} {singular[v] if n == 1 else plural[v]}"
+             for v in (HOLDS, CAVEAT, FAILS, SKIPPED) if (n := verdicts.count(v))]
+    return f"{len(verdicts)} sections: " + ", ".join(parts)

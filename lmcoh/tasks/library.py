@@ -8,7 +8,7 @@ from pathlib import Path
 from . import generators, taskfile
 from .task import Task, TaskError
 
-TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
+TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
 
 
 def builtin_tasks() -> list[str]:

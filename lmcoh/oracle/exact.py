@@ -1,4 +1,4 @@
-"""The exact oracle: every quantity of THEORY.md by dynamic programming over (step, state).
+"""The exact oracle: every quantity of docs/theory.md by dynamic programming over (step, state).
 
 numpy only (no torch). A *policy* is ``list[np.ndarray]``: entry ``t`` holds the action
 probabilities over ``task.layers[t].actions`` (the flat actions of the states reachable at
@@ -18,8 +18,8 @@ from typing import Callable
 
 import numpy as np
 
-from .task import Task
-from .task import safe_log as _log
+from ..tasks.task import Task
+from ..tasks.task import safe_log as _log
 
 Policy = list[np.ndarray]
 SEQUENCES = ("retrain", "temperature", "fold", "fold_ratio", "cumulative")
@@ -85,7 +85,7 @@ def _last_continuation(task: Task, reward_scale: float) -> np.ndarray:
 
 def soft_values(task: Task, policy: Policy, reward_scale: float = 1.0,
                 bonus: Policy | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Soft Q^pi and V^pi (THEORY.md): exp Q = P(success from (s, a) | later actions from pi).
+    """Soft Q^pi and V^pi (docs/theory.md): exp Q = P(success from (s, a) | later actions from pi).
 
     ``reward_scale`` multiplies every log q (temperature); ``bonus`` adds a per-action reward
     (the folded sequences' extra log-policy terms).
@@ -249,6 +249,15 @@ def optimal_success(task: Task) -> float:
     return _success_from_values(task, V)
 
 
+def acceptance_rate(task: Task, alpha: float) -> float:
+    """E_p[prod q^alpha]: the share of prior episodes rejection sampling at ``alpha`` accepts."""
+    _, V = soft_values(task, prior_policy(task), reward_scale=alpha)
+    layer0 = task.layers[0]
+    rate = float(np.sum(task.start_prob[layer0.states] * np.exp(V[0])))
+    ends = task.terminal & (task.start_prob > 0)
+    return rate + float(np.sum(task.start_prob[ends] * np.exp(_scaled(task.terminal_logq[ends], alpha))))
+
+
 # ---- incoherence -------------------------------------------------------------------------------
 def incoherence_terms(task: Task, policy: Policy, delta: float = 1.0,
                       Q: list[np.ndarray] | None = None) -> list[np.ndarray]:
@@ -311,13 +320,6 @@ def policy_table(task: Task, policy: Policy) -> dict[str, dict[str, float]]:
     return table
 
 
-def json_number(x: float) -> float | str:
-    """Floats for JSON, with infinities written as the strings 'inf' / '-inf'."""
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return float(x)
-
-
 def summary(task: Task, policy: Policy, delta: float = 1.0,
             values: tuple[list[np.ndarray], list[np.ndarray]] | None = None) -> dict:
     """Success, return, incoherence (and its finite part) and causal entropy of one policy.
@@ -353,8 +355,8 @@ def analyse(task: Task, steps: int = 4, delta: float = 1.0, policies: bool = Tru
     for kind in kinds:
         entries = []
         for k, pi, s in summarised_sequence(task, kind, steps, delta):
-            entry = {"k": k, "success": s["success"], "return": json_number(s["return"]),
-                     "incoherence": json_number(s["incoherence"]),
+            entry = {"k": k, "success": s["success"], "return": s["return"],
+                     "incoherence": s["incoherence"],
                      "causal_entropy": s["causal_entropy"]}
             if policies:
                 entry["policy"] = policy_table(task, pi)

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .episodes import Episode, sample_outcome_balanced, sample_prior_episodes
-from .task import Task
+from ..errors import ModelError
+from ..tasks.episodes import Episode, sample_outcome_balanced, sample_prior_episodes
+from ..tasks.task import Task
 from .text import episode_text
 
 # Named model sizes (`lmcoh pretrain --model-size`, arguments of `lmcoh.model.new_llama`). A wide
@@ -41,17 +42,17 @@ class PretrainConfig:
     average_last: float = 0.3   # end on the mean weights of this last share of steps (see train_sft)
 
     def check(self) -> None:
-        """ValueError (one line) for settings that cannot train."""
+        """`ModelError` (one line) for settings that cannot train."""
         if self.episodes < 1:
-            raise ValueError(f"need at least one episode, got {self.episodes}")
+            raise ModelError(f"need at least one episode, got {self.episodes}")
         if not self.epochs > 0 or not self.learning_rate > 0 or self.batch_size < 1:
-            raise ValueError("epochs, learning rate and batch size must be positive")
+            raise ModelError("epochs, learning rate and batch size must be positive")
         if not 0.0 <= self.none_share < 1.0:
-            raise ValueError(f"the no-goal share must be in [0, 1), got {self.none_share}")
+            raise ModelError(f"the no-goal share must be in [0, 1), got {self.none_share}")
         if not 0.0 <= self.average_last < 1.0:
-            raise ValueError(f"the averaged share of steps must be in [0, 1), got {self.average_last}")
+            raise ModelError(f"the averaged share of steps must be in [0, 1), got {self.average_last}")
         if self.model_size not in MODEL_SIZES:
-            raise ValueError(f"unknown model size {self.model_size!r}; choose one of {', '.join(MODEL_SIZES)}")
+            raise ModelError(f"unknown model size {self.model_size!r}; choose one of {', '.join(MODEL_SIZES)}")
 
 
 def training_texts(task: Task, labelled: list[Episode], bare: list[Episode]) -> tuple[list[str], list[str]]:
@@ -72,7 +73,7 @@ def pretrain(task: Task, out_dir: str | Path, *, episodes: int = PretrainConfig.
     config = PretrainConfig(episodes, epochs, seed, none_share, learning_rate, batch_size, model_size, average_last)
     config.check()
     from .model import build_tokenizer, check_out_dir, check_task_fits, load_model, new_llama, save_model
-    from .training import is_main_process, train_sft
+    from .training import is_main_process, sft_config, train_sft
 
     started = time.perf_counter()
     check_out_dir(out_dir)
@@ -91,9 +92,10 @@ def pretrain(task: Task, out_dir: str | Path, *, episodes: int = PretrainConfig.
     prompts, completions = training_texts(task, sample_outcome_balanced(task, episodes, rng),
                                           sample_prior_episodes(task, n_bare, rng))
     with tempfile.TemporaryDirectory(prefix="lmcoh-pretrain-") as scratch:
-        stats = train_sft(model, tokenizer, prompts, completions, epochs=epochs, learning_rate=learning_rate,
-                          batch_size=batch_size, seed=seed, output_dir=scratch, report_to=report_to,
-                          progress=progress, average_last=average_last)
+        args = sft_config(output_dir=scratch, num_train_epochs=epochs, learning_rate=learning_rate,
+                          per_device_train_batch_size=batch_size, seed=seed, data_seed=seed,
+                          report_to=report_to, disable_tqdm=not progress)
+        stats = train_sft(model, tokenizer, prompts, completions, args, average_last=average_last)
     meta.update({
         "kind": "prior",
         "task": {"name": task.name, "source": task.source, "spec": task.to_spec()},

@@ -11,7 +11,7 @@ Layout (CSR style, so a 1.4-million-state tree costs a few arrays, not a million
 
 An episode starts in ``s ~ start``, takes at most ``horizon`` decisions and ends when it
 enters a terminal (success ``q(terminal)``) or runs out of decisions (``timeout_logq``).
-P(success | trajectory) = product of all q met on the way (THEORY.md, "Setting").
+P(success | trajectory) = product of all q met on the way (docs/theory.md, "Setting").
 
 Because a state may recur at several decision steps, everything that depends on time is
 indexed by (step, state); `layers` lists which non-terminal states are reachable at each step.
@@ -24,11 +24,10 @@ from functools import cached_property
 
 import numpy as np
 
+from ..errors import TaskError
 from .segments import Segments
 
-
-class TaskError(ValueError):
-    """A task that cannot be loaded or built; the message is one line for the user."""
+__all__ = ["Layer", "Task", "TaskError", "safe_log"]
 
 
 @dataclass(frozen=True, eq=False)

@@ -5,7 +5,7 @@ the episode ended in, a terminal or the state where it ran out of decisions), th
 ids taken, optionally the log-probability each action had under the policy that chose it,
 the episode's success probability ``prod q`` and its sampled outcome.
 
-Numpy only: rollouts with a language model (lmcoh/rollout.py) reuse `step_environment`.
+Numpy only: rollouts with a language model (lmcoh.lm.rollout) reuse `_pick` and `episode_logq`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from .task import Task, TaskError
-from .text import episode_text
 
 
 @dataclass
@@ -28,8 +27,7 @@ class Episode:
     goal: str = "none"  # the goal token the episode was generated under (its text's prefix)
 
     def to_json(self, task: Task) -> dict:
-        return {"text": episode_text(task, self.goal, self.states, self.actions),
-                "goal": self.goal,
+        return {"goal": self.goal,
                 "states": [task.state_names[s] for s in self.states],
                 "actions": [task.action_names[a] for a in self.actions],
                 "logprobs": self.logprobs,

@@ -1,0 +1,111 @@
+"""Files: atomic writes and the one JSON convention.
+
+JSON convention (every file lmcoh writes): infinities are the strings ``"inf"`` and
+``"-inf"`` (an incoherence of +inf is a real answer, not an error), NaN is ``null``, numpy
+scalars and arrays become plain numbers and lists. `number` reads a value back as a float.
+
+Atomic writes go to a temporary sibling and are renamed into place, so a reader (or a run
+resumed after a kill) sees the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import LmcohError, first_line
+
+
+def jsonable(x: Any) -> Any:
+    """``x`` with lmcoh's JSON convention applied (see the module docstring)."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if hasattr(x, "tolist"):  # numpy scalars and arrays
+        return jsonable(x.tolist())
+    if isinstance(x, float):
+        if math.isnan(x):
+            return None
+        if math.isinf(x):
+            return "inf" if x > 0 else "-inf"
+    return x
+
+
+def dumps(x: Any, indent: int | None = None) -> str:
+    return json.dumps(jsonable(x), allow_nan=False, indent=indent)
+
+
+def number(x: Any) -> float:
+    """A JSON value back as a float: ``"inf"`` -> inf, ``None`` -> nan."""
+    return math.nan if x is None else float(x)
+
+
+def read_json(path: str | Path) -> Any:
+    """Parse a JSON file; a missing, unreadable or damaged file is an `LmcohError` naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LmcohError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise LmcohError(f"{path}: damaged JSON ({first_line(err)})") from None
+
+
+def read_jsonl(path: str | Path) -> list:
+    """One JSON value per line; a damaged line is an `LmcohError` naming the file and line."""
+    path = Path(path)
+    rows = []
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        try:
+            rows.append(json.loads(line))
+        except ValueError as err:
+            raise LmcohError(f"{path}, line {i}: damaged JSON ({first_line(err)})") from None
+    return rows
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (temporary sibling, fsync, rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def write_json(path: str | Path, x: Any, indent: int | None = None) -> Path:
+    return write_text(path, dumps(x, indent) + "\n")
+
+
+def write_jsonl(path: str | Path, rows: list) -> Path:
+    return write_text(path, "".join(dumps(r) + "\n" for r in rows))
+
+
+def replace_dir(src: str | Path, dest: str | Path) -> Path:
+    """Move the finished directory ``src`` to ``dest``, replacing whatever ``dest`` held.
+
+    The old ``dest`` is renamed aside first and deleted last, so a crash in between leaves
+    the old directory aside (``.NAME.old.*``), never a mix of the two.
+    """
+    src, dest = Path(src), Path(dest)
+    if dest.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=dest.parent))
+        os.replace(dest, aside / "old")
+        os.replace(src, dest)
+        shutil.rmtree(aside)
+    else:
+        os.replace(src, dest)
+    return dest
+

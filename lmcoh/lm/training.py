@@ -1,0 +1,115 @@
+"""Supervised fine-tuning on episode transcripts, through TRL's `SFTTrainer`.
+
+One function serves both pretraining the prior (a full model or an adapter) and
+self-training rounds: examples are prompt/completion pairs, the prompt being the goal token
+and the completion the transcript, so the loss falls on the transcript only. Launched under
+``torchrun`` or ``accelerate launch``, the Trainer runs data-parallel by itself.
+
+The trainer settings are TRL's own `SFTConfig`. `SFT_DEFAULTS` lists the few whose defaults
+lmcoh changes for small policy models on a CPU (TRL does the same to `TrainingArguments`);
+the recipes show them in ``--help`` and a user's config or flag overrides each.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import TrainerCallback
+
+
+def _bf16_available() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def sft_defaults() -> dict:
+    """lmcoh's defaults for `SFTConfig` fields, where they differ from TRL's."""
+    cuda = torch.cuda.is_available()
+    return {
+        "num_train_epochs": 2.0,
+        "learning_rate": 2e-3,             # LoRA on a tiny model: far above TRL's 2e-5
+        "per_device_train_batch_size": 64,
+        "warmup_steps": 0.05,              # a share of the steps
+        "seed": 0,
+        "report_to": "none",
+        "save_strategy": "no",             # each round saves its own model (rounds/k/model)
+        "logging_steps": 50,
+        "log_level": "warning",
+        "bf16": _bf16_available(),         # TRL's default True refuses to start on a CPU
+        "gradient_checkpointing": False,   # tiny models: memory is not the constraint
+        "activation_checkpointing": False,
+        "completion_only_loss": True,      # the loss falls on the transcript, not the goal token
+        "max_length": None,                # never truncate an episode
+        "optim": "adamw_torch",
+        "dataloader_pin_memory": cuda,
+        "use_cpu": not cuda,               # under torchrun on a CPU: gloo data parallelism
+    }
+
+
+def sft_config(**overrides):
+    """An `SFTConfig` with `sft_defaults` and ``overrides`` (which must name SFTConfig fields)."""
+    from trl import SFTConfig
+
+    return SFTConfig(**{**sft_defaults(), **overrides})
+
+
+def is_main_process() -> bool:
+    """True in a single process, and on rank 0 of a distributed launch (save files only there)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def train_sft(model, tokenizer, prompts: list[str], completions: list[str], args, *,
+              average_last: float = 0.0) -> dict:
+    """Train ``model`` in place on ``prompt + completion`` with the loss on the completions.
+
+    ``args`` is the `SFTConfig`, used as given. With ``average_last`` > 0 the trained weights
+    end as the running mean of the weights over that final share of the steps (tail
+    averaging): the last minibatches no longer jitter the learned action probabilities.
+    Returns the Trainer's metrics (``train_loss``, ``train_runtime``, ...) plus ``global_step``.
+    """
+    import datasets
+    from transformers.trainer_callback import PrinterCallback
+    from trl import SFTTrainer
+
+    data = datasets.Dataset.from_dict({"prompt": list(prompts), "completion": list(completions)})
+    was_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    finally:
+        if was_on:
+            datasets.enable_progress_bars()
+    if average_last > 0:
+        trainer.add_callback(TailAverage(model, average_last))
+    if args.disable_tqdm:
+        trainer.remove_callback(PrinterCallback)  # it prints every log dict when tqdm is off
+    result = trainer.train()
+    model.eval()
+    return {**result.metrics, "global_step": result.global_step}
+
+
+class TailAverage(TrainerCallback):
+    """Replace the trainable weights, at the end, by their mean over the last ``fraction`` of steps."""
+
+    def __init__(self, model, fraction: float):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.fraction = fraction
+        self.mean: list[torch.Tensor] | None = None
+        self.count = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step <= (1.0 - self.fraction) * state.max_steps:
+            return
+        self.count += 1
+        with torch.no_grad():
+            if self.mean is None:
+                self.mean = [p.detach().clone() for p in self.params]
+            else:
+                for m, p in zip(self.mean, self.params):
+                    m.add_(p.detach() - m, alpha=1.0 / self.count)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.mean is not None:
+            with torch.no_grad():
+                for m, p in zip(self.mean, self.params):
+                    p.copy_(m)

@@ -1,0 +1,3 @@
+"""The exact oracle (`exact`): soft values, the goal-conditioning operator G, temperature,
+folded and cumulative sequences, success, return, incoherence, Boltzmann iteration.
+numpy only."""

@@ -1,0 +1,264 @@
+"""The recipes' arguments, parsed the way TRL's own scripts parse theirs.
+
+A recipe is configured by three dataclasses: its own (`SelfTrainArguments`,
+`TemperatureArguments`), TRL's `SFTConfig` (every trainer setting) and TRL's `ModelConfig`
+(the model and its LoRA adapter). `parse` reads them with a `TrlParser`, so
+``--config FILE.yaml`` sets any field and a flag overrides the file. Fields are typed by
+the parser; the checks live in ``__post_init__``.
+
+Beyond TRL's parser, values from the YAML file are checked against each field's type and
+choices before any work starts, and every problem (an unknown key, a wrong type, a bad
+value) ends as one line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import math
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import LmcohError, RunError
+from ..lm.pretrain import PretrainConfig
+
+MODES = ("filter", "label")
+PROMPT_MODES = ("history", "markov")
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+@dataclass
+class SelfTrainArguments:
+    """The self-training loop's own settings. The trainer's are `SFTConfig`'s (``output_dir``
+    and ``seed`` included), the model's and LoRA's `ModelConfig`'s."""
+
+    task: str = field(default="mountain_race", metadata=_help(
+        "Task: a built-in name (tasks/NAME.yaml), a task YAML path or a generator spec."))
+    rounds: int = field(default=4, metadata=_help(
+        "Training rounds K (round 0, the untrained prior, is evaluated too)."))
+    episodes_per_round: int = field(default=2000, metadata=_help(
+        "Episodes sampled per round, over all processes."))
+    mode: str = field(default="filter", metadata=_help(
+        "filter: train on the successful episodes; label: train on all, each behind its outcome token.",
+        choices=MODES))
+    prompt: str = field(default="history", metadata=_help(
+        "Prompt mode: history (the whole transcript) or markov (current state and step only).",
+        choices=PROMPT_MODES))
+    sample_batch_size: int = field(default=256, metadata=_help("Episodes sampled in one batch."))
+    pretrain_episodes: int = field(default=PretrainConfig.episodes, metadata=_help(
+        "Episodes to pretrain the built-in prior on (when model_name_or_path is empty)."))
+    pretrain_epochs: float = field(default=PretrainConfig.epochs, metadata=_help(
+        "Epochs to pretrain the built-in prior for."))
+    delta: float = field(default=1.0, metadata=_help("Incoherence temperature delta."))
+    max_histories: int = field(default=200_000, metadata=_help(
+        "Tabulate exactly up to this many histories; beyond, estimate success by Monte Carlo."))
+    eval_episodes: int = field(default=2000, metadata=_help(
+        "Episodes for the Monte Carlo success estimate of tasks too big to tabulate."))
+    overwrite: bool = field(default=False, metadata=_help(
+        "Delete output_dir and start over instead of resuming."))
+
+    def __post_init__(self):
+        if not self.task:
+            raise RunError("task is required (a built-in name, a task YAML path or a generator spec)")
+        for name in ("episodes_per_round", "sample_batch_size", "pretrain_episodes", "max_histories",
+                     "eval_episodes"):
+            _check(name, getattr(self, name), lambda v: v >= 1, "must be >= 1")
+        _check("rounds", self.rounds, lambda v: v >= 0, "must be >= 0")
+        for name in ("pretrain_epochs", "delta"):
+            _check(name, getattr(self, name), lambda v: v > 0 and math.isfinite(v), "must be positive")
+        for name, options in (("mode", MODES), ("prompt", PROMPT_MODES)):
+            if getattr(self, name) not in options:
+                raise RunError(f"{name} must be one of {', '.join(options)}, got {getattr(self, name)!r}")
+
+
+@dataclass
+class TemperatureArguments(SelfTrainArguments):
+    """The comparison's settings; the self-training ones apply to the self-training run made
+    here when ``selftrain_dir`` is unset."""
+
+    task: str = field(default="lottery", metadata=_help(
+        "Task: a built-in name (tasks/NAME.yaml), a task YAML path or a generator spec."))
+    rounds: int = field(default=3, metadata=_help(
+        "Self-training rounds R; the comparison covers k = 0..R+1 (round r's model is G^(r+1)(p))."))
+    selftrain_dir: str | None = field(default=None, metadata=_help(
+        "Reuse this self_train.py output directory (its complete rounds, up to R) instead of "
+        "self-training here."))
+    rejection_episodes: int = field(default=2000, metadata=_help(
+        "Episodes rejection sampling must accept at each k."))
+    max_proposals: int = field(default=200_000, metadata=_help(
+        "Most episodes rejection sampling may draw from the prior LM at one k."))
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("rejection_episodes", "max_proposals"):
+            _check(name, getattr(self, name), lambda v: v >= 1, "must be >= 1")
+
+
+def _check(name: str, value, ok, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+        raise RunError(f"{name} {what}, got {value!r}")
+
+
+# ---- lmcoh's defaults for TRL's dataclasses ---------------------------------------------------
+def model_defaults() -> dict:
+    """lmcoh's defaults for `ModelConfig` fields, where they differ from TRL's."""
+    return {"use_peft": True, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
+            "lora_target_modules": ["all-linear"]}
+
+
+def recipe_defaults() -> dict:
+    """Every default lmcoh sets on the recipes' `SFTConfig` and `ModelConfig` fields."""
+    from ..lm.training import sft_defaults
+
+    return {**sft_defaults(), **model_defaults()}
+
+
+# What the loop sets in each round's `SFTConfig`, whatever the user's config says (shown by --help).
+LOOP_OVERRIDES = {
+    "output_dir": "OUTPUT_DIR/trainer/round_K (the Trainer's scratch, deleted after the round; "
+                  "the round's model is saved to OUTPUT_DIR/rounds/K/model)",
+    "seed": "derived from (seed, K), so every round draws fresh but reproducible randomness",
+    "data_seed": "the same as seed when unset",
+    "TensorBoard": "logs of round K go to OUTPUT_DIR/tensorboard/round_K",
+}
+
+
+# Fields that do not change what a run computes: a rerun may change them and still resume.
+RUN_NEUTRAL = {"output_dir", "rounds", "overwrite", "report_to", "run_name", "project", "disable_tqdm",
+               "logging_dir", "log_level", "log_level_replica", "log_on_each_node", "logging_steps",
+               "logging_strategy", "logging_first_step", "logging_nan_inf_filter", "push_to_hub",
+               "include_num_input_tokens_seen", "skip_memory_metrics", "ddp_timeout", "local_rank",
+               "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
+               "dataloader_prefetch_factor", "save_strategy", "save_steps", "save_total_limit",
+               "save_only_model", "save_on_each_node", "selftrain_dir"}
+RUN_NEUTRAL_PREFIXES = ("hub_", "trackio_")
+
+
+def is_run_neutral(name: str) -> bool:
+    return name in RUN_NEUTRAL or name.startswith(RUN_NEUTRAL_PREFIXES)
+
+
+# ---- parsing ------------------------------------------------------------------------------------
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def make_parser(script_type: type = SelfTrainArguments, prog: str | None = None, description: str = "",
+                output_dir: str = "outputs/self_train"):
+    """A `TrlParser` over (``script_type``, `SFTConfig`, `ModelConfig`) with lmcoh's defaults.
+
+    ``--help`` shows ``description`` and then `LOOP_OVERRIDES`, the trainer settings the loop
+    sets in each round.
+    """
+    from trl import ModelConfig, SFTConfig, TrlParser
+
+    class RecipeParser(TrlParser):
+        def error(self, message: str):  # one line, no usage block
+            raise RunError(message)
+
+        def set_defaults_with_config(self, **kwargs) -> list[str]:
+            checked = {key: _config_value(self, key, value) for key, value in kwargs.items()}
+            unknown = super().set_defaults_with_config(**checked)
+            if unknown:
+                names = [a.dest for a in self._actions]
+                key = unknown[0].lstrip("-")
+                close = difflib.get_close_matches(key, names, n=1)
+                raise RunError(f"unknown setting {key!r} in the config file"
+                               + (f"; did you mean {close[0]!r}?" if close else ""))
+            return unknown
+
+    overrides = "\n".join(f"  {name}: {how}" for name, how in LOOP_OVERRIDES.items())
+    parser = RecipeParser((script_type, SFTConfig, ModelConfig), prog=prog, formatter_class=_HelpFormatter,
+                          allow_abbrev=False,
+                          description=f"{description}\n\nThe loop sets these trainer settings itself, each "
+                                      f"round, whatever the config says:\n{overrides}\n\n"
+                                      "Settings come from --config FILE.yaml (any field below), then flags.")
+    parser.set_defaults_with_config(**recipe_defaults(), output_dir=output_dir)
+    return parser
+
+
+def parse(parser, argv: list[str] | None = None) -> tuple:
+    """``(script_args, sft_config, model_config)``; any problem is a one-line `RunError`."""
+    import yaml
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise RunError("--config needs a YAML file")
+        path = Path(argv[i + 1])
+        if not path.is_file():
+            raise RunError(f"config file {path}: no such file")
+    try:
+        script_args, sft, model, unknown = parser.parse_args_and_config(argv, return_remaining_strings=True)
+    except LmcohError:
+        raise
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise RunError(f"config file is not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+    except (ValueError, TypeError, OSError) as err:
+        raise RunError(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__) from None
+    flags = [u for u in unknown if u.startswith("-")]
+    if unknown:
+        name = (flags or unknown)[0]
+        close = difflib.get_close_matches(name, [o for a in parser._actions for o in a.option_strings], n=1)
+        if not flags:
+            raise RunError(f"unexpected argument {name!r}")
+        raise RunError(f"unknown flag {name}" + (f"; did you mean {close[0]}?" if close else ""))
+    return script_args, sft, model
+
+
+def _config_value(parser, key: str, value):
+    """A YAML value for ``--key``, typed as the command line would type it (argparse leaves
+    non-string defaults alone, so a list where a number belongs would slip through)."""
+    action = next((a for a in parser._actions if a.dest == key and a.type is not None), None)
+    if action is None:
+        return value  # unknown: reported by set_defaults_with_config
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        if "dict" in _field_type(parser, key):
+            return value
+        raise RunError(f"{key} must be a single value, not a mapping")
+    if isinstance(value, list):
+        if action.nargs not in ("+", "*") and "list" not in _field_type(parser, key):
+            raise RunError(f"{key} must be a single value, not a list")
+        return [_convert(action, key, v) for v in value]
+    if action.nargs in ("+", "*"):
+        return [_convert(action, key, value)]
+    return _convert(action, key, value)
+
+
+def _convert(action, key: str, value):
+    if isinstance(value, (dict, list)):
+        raise RunError(f"{key} must be a single value, got {value!r}")
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    try:
+        out = action.type(text)
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        kind = getattr(action.type, "__name__", "a value of the right kind")
+        raise RunError(f"{key} must be {_kind(kind)}, got {value!r}") from None
+    if action.choices is not None and out not in action.choices:
+        raise RunError(f"{key} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+    return out
+
+
+def _kind(name: str) -> str:
+    return {"int": "an integer", "float": "a number", "string_to_bool": "true or false",
+            "str": "a string"}.get(name, f"a valid {name}")
+
+
+def _field_type(parser, key: str) -> str:
+    """The declared type of field ``key``, as text (``"dict | str | None"``). Read from the
+    annotations: HfArgumentParser narrows the fields' own ``type`` while it builds."""
+    for dtype in parser.dataclass_types:
+        hints = typing.get_type_hints(dtype)
+        if key in hints:
+            return str(hints[key])
+    return ""

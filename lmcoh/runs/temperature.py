@@ -1,0 +1,327 @@
+"""Temperature versus retraining: what k rounds of retraining buy, and what alpha = k costs.
+
+docs/theory.md, "Three ways to apply optimisation pressure". Retraining k times gives G^k(p);
+inference-time reward temperature alpha = k gives pi_alpha = p(. | O^alpha = 1), which one
+realises with the prior alone by rejection sampling: draw an episode from p, accept it with
+probability prod q^alpha. Theorem 5.9: the two are equal for deterministic dynamics; for
+stochastic dynamics temperature also rewards lucky transitions and they part ways.
+
+For k = 0..K (K = rounds + 1) recipes/temperature_vs_retraining.py puts side by side
+
+* exact:    G^k(p), pi_alpha (alpha = k), their TV, and the fold / fold_ratio / cumulative sequences;
+* LM retraining: the prior LM prompted with no goal (k = 0, that is p), with ``<success>``
+  (k = 1, G(p)), and the self-trained model after round k - 1 (k >= 2, G^k(p));
+* LM rejection sampling: episodes from the prior LM prompted with no goal, accepted with
+  probability prod q^k, sampled until ``rejection_episodes`` are accepted, with the cost
+  (proposals per accepted episode, seconds);
+* LM logit temperature 1/k on the success-prompted prior (what people often reach for
+  instead; it sharpens G(p), it does not condition on k successes).
+
+Output directory (built in ``OUTPUT_DIR.partial`` and renamed into place when complete, so a
+crashed run leaves no half-written OUTPUT_DIR, and a rerun resumes its self-training)::
+
+    comparison.json   {"task", "deterministic", "rows": [one per k]}
+    details.json      the exact sequences, per-k distances to the exact targets, costs
+    report.md         tables and the reading, with success.png, tv.png, cost.png
+    self_train/       the self-training run, when none was given with --selftrain_dir
+
+This module holds the pieces the recipe's loop calls.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import yaml
+
+from ..errors import RunError
+from ..oracle import exact
+from ..tasks.library import load_task
+from ..tasks.task import Task
+from .arguments import SelfTrainArguments, TemperatureArguments
+from .directory import RunDirectory
+
+
+# ---- exact part (numpy only) -------------------------------------------------------------------
+def exact_comparison(task: Task, K: int) -> dict:
+    """The exact sequences k = 0..K: successes, TV retrain vs temperature (and vs each fold),
+    and the expected proposals per accepted episode of rejection sampling."""
+    seqs = {kind: exact.sequence(task, kind, K) for kind in exact.SEQUENCES}
+    retrain = seqs["retrain"]
+
+    def tv(kind: str) -> list[float]:
+        return [exact.tv_distance(task, g, pi) for g, pi in zip(retrain, seqs[kind])]
+
+    return {"policies": seqs,
+            "success": {kind: [exact.success(task, pi) for pi in pis] for kind, pis in seqs.items()},
+            "tv_retrain_vs_temperature": tv("temperature"),
+            "tv_retrain_vs_fold": tv("fold"),
+            "tv_retrain_vs_fold_ratio": tv("fold_ratio"),
+            "acceptance_rate": [exact.acceptance_rate(task, k) for k in range(K + 1)],
+            "optimal_success": exact.optimal_success(task)}
+
+
+# ---- rejection sampling ------------------------------------------------------------------------
+Sampler = Callable[[int, int], list]  # (n, seed) -> n episodes from the prior
+
+
+class ProposalPool:
+    """Episodes drawn from the prior, each with one acceptance uniform, grown on demand.
+
+    Every k scans the same pool from the start, so the k-th sampler is exactly "draw from p
+    until n are accepted"; sharing the draws (common random numbers) only saves time. The
+    seconds spent drawing are kept, to price each proposal.
+    """
+
+    def __init__(self, sample: Sampler, seed: int):
+        self.sample, self.seed = sample, seed
+        self.episodes: list = []
+        self.uniforms = np.zeros(0)
+        self.seconds = 0.0
+        self._rng = np.random.default_rng(seed)
+
+    def grow(self, n: int) -> None:
+        t0 = time.perf_counter()
+        batch = self.sample(n, self.seed + 1 + len(self.episodes))
+        self.seconds += time.perf_counter() - t0
+        self.episodes.extend(batch)
+        self.uniforms = np.concatenate([self.uniforms, self._rng.random(len(batch))])
+
+    @property
+    def seconds_per_proposal(self) -> float:
+        return self.seconds / len(self.episodes) if self.episodes else math.nan
+
+
+@dataclass
+class Rejection:
+    """What rejection sampling at one alpha produced and cost."""
+
+    episodes: list            # the accepted ones
+    proposals: int            # prior episodes drawn to get them
+    seconds: float            # proposals x seconds per proposal
+
+    @property
+    def samples_per_episode(self) -> float:
+        return self.proposals / len(self.episodes) if self.episodes else math.inf
+
+    @property
+    def seconds_per_episode(self) -> float:
+        return self.seconds / len(self.episodes) if self.episodes else math.inf
+
+
+def rejection_sample(pool: ProposalPool, alpha: float, n: int, max_proposals: int) -> Rejection:
+    """Accept prior episode i when u_i < (prod q)^alpha, until ``n`` are accepted (or
+    ``max_proposals`` are drawn). alpha = 0 accepts everything, q = 0 included."""
+    accepted: list[int] = []
+    scanned = 0
+    while len(accepted) < n and scanned < max_proposals:
+        if scanned == len(pool.episodes):
+            rate = len(accepted) / scanned if accepted else 0.0
+            want = 1.1 * (n - len(accepted)) / rate if rate > 0 else n
+            pool.grow(int(min(max(want, 256), max_proposals - scanned)))
+        end = min(len(pool.episodes), max_proposals)
+        w = np.array([ep.success_prob for ep in pool.episodes[scanned:end]])
+        ok = pool.uniforms[scanned:end] < (np.ones_like(w) if alpha == 0 else w ** alpha)
+        hits = scanned + np.flatnonzero(ok)
+        need = n - len(accepted)
+        accepted.extend(hits[:need].tolist())
+        scanned = int(hits[need - 1]) + 1 if len(hits) >= need else end
+    return Rejection([pool.episodes[i] for i in accepted], scanned, scanned * pool.seconds_per_proposal)
+
+
+def empirical_policy(task: Task, episodes: list) -> exact.Policy:
+    """Action frequencies per (step, state) over ``episodes``; unvisited states keep the prior."""
+    counts = [np.zeros(len(layer.actions)) for layer in task.layers]
+    where = [{int(s): i for i, s in enumerate(layer.states)} for layer in task.layers]
+    for ep in episodes:
+        for t, (s, a) in enumerate(zip(ep.states, ep.actions)):
+            layer = task.layers[t]
+            counts[t][layer.start[where[t][s]] + a - task.action_ptr[s]] += 1
+    policy = []
+    for c, p, layer in zip(counts, exact.prior_policy(task), task.layers):
+        total = np.repeat(layer.by_state.sum(c), layer.by_state.counts)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            policy.append(np.where(total > 0, c / total, p))
+    return policy
+
+
+# ---- the run -----------------------------------------------------------------------------------
+def check_comparison(cfg: TemperatureArguments, output_dir: str, task: Task) -> None:
+    """`RunError` (one line) for a comparison that cannot run, before any work."""
+    rate = exact.acceptance_rate(task, cfg.rounds + 1)
+    if rate * cfg.max_proposals < cfg.rejection_episodes:
+        need = "inf" if rate == 0 else f"{cfg.rejection_episodes / rate:.0f}"
+        raise RunError(
+            f"rejection sampling at alpha = {cfg.rounds + 1} accepts {rate:.3g} of the proposals, so "
+            f"{cfg.rejection_episodes} episodes need about {need} of them, more than "
+            f"max_proposals = {cfg.max_proposals}; lower rounds or rejection_episodes, or raise max_proposals")
+    out = Path(output_dir)
+    if out.exists() and not cfg.overwrite:
+        raise RunError(f"output_dir {out} exists; pass --overwrite to replace it or choose another")
+    if cfg.selftrain_dir is not None:
+        st = RunDirectory(cfg.selftrain_dir)
+        if not (st.path / "config.yaml").is_file() or not (st.round_dir(0) / "metrics.json").is_file():
+            raise RunError(f"selftrain_dir {st.path} holds no complete self-training round "
+                           "(no config.yaml or rounds/0)")
+        if cfg.overwrite and out.resolve() in st.path.resolve().parents:
+            raise RunError(f"selftrain_dir {st.path} lies inside output_dir {out}, which --overwrite "
+                           "would delete; copy it elsewhere first")
+        saved = yaml.safe_load((st.path / "config.yaml").read_text()) or {}
+        if load_task(str(saved.get("task", ""))).to_spec() != task.to_spec():
+            raise RunError(f"selftrain_dir {st.path} self-trained task {saved.get('task')!r}, not {task.name!r}")
+
+
+def selftrain_args(cfg: TemperatureArguments) -> SelfTrainArguments:
+    """The self-training run this comparison makes: the shared settings."""
+    return SelfTrainArguments(**{f.name: getattr(cfg, f.name) for f in fields(SelfTrainArguments)})
+
+
+@dataclass
+class Methods:
+    """What the model side supplies to the comparison, for k = 0..K.
+
+    ``sample(n, seed)`` draws prior episodes (rejection sampling's proposals);
+    ``retrained(k)`` and ``logit(k)`` give (policy per (step, state), success probability)
+    of the retrained model and of logit temperature 1/k; ``retrain_seconds[k]`` is the one-off
+    cost of the retrained model at k.
+    """
+
+    sample: Sampler
+    retrained: Callable[[int], tuple[exact.Policy, float]]
+    logit: Callable[[int], tuple[exact.Policy, float]]
+    retrain_seconds: list[float]
+
+
+def comparison_entry(task: Task, k: int, ex: dict, rejection: "Rejection", retrained: tuple[exact.Policy, float],
+                     logit: tuple[exact.Policy, float], retrain_seconds: float,
+                     pool: "ProposalPool") -> tuple[dict, dict]:
+    """Row k of comparison.json, and k's entry of details.json's ``lm`` list."""
+    targets = ex["policies"]
+    rej_pi = empirical_policy(task, rejection.episodes)
+    (retrained_pi, retrained_success), (logit_pi, logit_success) = retrained, logit
+    row = {
+        "k": k,
+        "exact_retrain_success": ex["success"]["retrain"][k],
+        "exact_temperature_success": ex["success"]["temperature"][k],
+        "exact_tv_retrain_vs_temperature": ex["tv_retrain_vs_temperature"][k],
+        "lm_retrain_success": float(retrained_success),
+        # the accepted episodes' action frequencies acted out in the task: their own mean
+        # prod q would count the lucky transitions that acceptance selected for
+        "lm_rejection_success": exact.success(task, rej_pi),
+        "lm_tv_retrain_vs_rejection": exact.tv_distance(task, retrained_pi, rej_pi),
+        "lm_logit_temperature_success": float(logit_success),
+        "rejection_samples_per_episode": rejection.samples_per_episode,
+        "retrain_seconds": retrain_seconds,
+        "rejection_seconds_per_episode": rejection.seconds_per_episode}
+    detail = {
+        "k": k,
+        "retrain_tv_to_exact": exact.tv_distance(task, retrained_pi, targets["retrain"][k]),
+        "rejection_tv_to_exact": exact.tv_distance(task, rej_pi, targets["temperature"][k]),
+        "logit_tv_to_exact_retrain": exact.tv_distance(task, logit_pi, targets["retrain"][k]),
+        "logit_tv_to_exact_temperature": exact.tv_distance(task, logit_pi, targets["temperature"][k]),
+        "accepted": len(rejection.episodes), "proposals": rejection.proposals,
+        "expected_samples_per_episode": _inverse(ex["acceptance_rate"][k]),
+        "break_even_episodes": break_even(retrain_seconds, rejection.seconds_per_episode,
+                                          pool.seconds_per_proposal),
+        "root": _root_policies(task, {"exact retrain": targets["retrain"][k],
+                                      "exact temperature": targets["temperature"][k],
+                                      "LM retrained": retrained_pi, "LM rejection": rej_pi,
+                                      "LM logit temperature": logit_pi})}
+    return row, detail
+
+
+def comparison_objects(task: Task, K: int, ex: dict, rows: list[dict], lm: list[dict],
+                       pool: "ProposalPool") -> tuple[dict, dict]:
+    """The comparison.json object (one row per k) and the details.json object."""
+    comparison = {"task": task.name, "deterministic": bool(task.deterministic), "rows": rows}
+    details = {
+        "task": task.name, "K": K, "optimal_success": ex["optimal_success"],
+        "uniform_prior": _uniform_prior(task), "one_decision": task.horizon == 1,
+        "seconds_per_proposal": pool.seconds_per_proposal, "proposals_drawn": len(pool.episodes),
+        "exact": {"success": ex["success"], "acceptance_rate": ex["acceptance_rate"],
+                  "tv_retrain_vs_temperature": ex["tv_retrain_vs_temperature"],
+                  "tv_retrain_vs_fold": ex["tv_retrain_vs_fold"],
+                  "tv_retrain_vs_fold_ratio": ex["tv_retrain_vs_fold_ratio"]},
+        "lm": lm}
+    return comparison, details
+
+
+def lm_methods(cfg: TemperatureArguments, task: Task, st_dir: Path, init_kwargs: dict,
+               progress: bool = True) -> tuple[Methods, int, dict]:
+    """The language models of a finished self-training run as `Methods`, the K they reach, and
+    where they came from. k = 0: the prior with no goal (p); k = 1: the prior prompted with
+    ``<success>`` (G(p), no retraining needed); k >= 2: round k-1's model prompted with ``<success>``."""
+    from ..lm.model import check_task_fits
+    from ..lm.rollout import sample_episodes
+    from ..lm.tabulate import tabulate
+    from .selftrain import evaluated_model
+
+    run = RunDirectory(st_dir)
+    saved = yaml.safe_load((run.path / "config.yaml").read_text()) or {}
+    base = saved.get("model_name_or_path") or str(run.path / "prior")
+    mode = saved.get("prompt", "history")
+    seed = saved.get("seed", 0)
+    rounds = run.complete_rounds()
+    K = min(cfg.rounds, len(rounds) - 1) + 1
+    prior = evaluated_model(base, run, 0, init_kwargs)
+    check_task_fits(prior, task)
+
+    def table(loaded, goal: str, temperature: float = 1.0) -> tuple[exact.Policy, float]:
+        lm = tabulate(loaded, task, goal, temperature, mode, cfg.max_histories, seed=seed)
+        return lm.policy, lm.success
+
+    def sample(n: int, seed: int) -> list:
+        return sample_episodes(prior, task, n, goal="none", seed=seed, mode=mode,
+                               batch_size=cfg.sample_batch_size, progress=progress)
+
+    @functools.cache
+    def logit(k: int) -> tuple[exact.Policy, float]:
+        return table(prior, "none") if k == 0 else table(prior, "success", 1.0 / k)
+
+    def retrained(k: int) -> tuple[exact.Policy, float]:
+        if k <= 1:
+            return logit(k)
+        return table(evaluated_model(base, run, k - 1, init_kwargs), "success")
+
+    seconds = [sum(r["sample_seconds"] + r["train_seconds"] for r in rounds[1:k]) for k in range(K + 1)]
+    source = {"prior_model": base, "selftrain_dir": str(run.path), "prompt": mode}
+    return Methods(sample, retrained, logit, seconds), K, source
+
+
+def _inverse(x: float) -> float:
+    return 1.0 / x if x > 0 else math.inf
+
+
+def break_even(retrain_seconds: float, rejection_seconds: float, direct_seconds: float) -> float:
+    """Episodes after which retraining once is cheaper than rejection sampling every time.
+
+    Retraining costs ``retrain_seconds`` once, then ``direct_seconds`` per episode (one sample
+    from the retrained model, priced like one prior proposal); temperature costs
+    ``rejection_seconds`` per episode. inf when rejection is no dearer per episode.
+    """
+    extra = rejection_seconds - direct_seconds
+    if retrain_seconds <= 0:
+        return 0.0
+    return retrain_seconds / extra if extra > 0 else math.inf
+
+
+def _uniform_prior(task: Task) -> bool:
+    return all(np.allclose(p, 1.0 / np.repeat(layer.by_state.counts, layer.by_state.counts))
+               for p, layer in zip(exact.prior_policy(task), task.layers))
+
+
+def _root_policies(task: Task, policies: dict[str, exact.Policy]) -> dict | None:
+    """The action probabilities at the single start state, per method (None if several starts)."""
+    layer = task.layers[0]
+    if len(layer.states) != 1:
+        return None
+    names = [task.action_names[a] for a in layer.actions]
+    return {"state": task.state_names[int(layer.states[0])],
+            "actions": names,
+            "probs": {label: [float(x) for x in pi[0]] for label, pi in policies.items()}}

@@ -1,0 +1,2 @@
+"""`lmcoh study`: the paper's claims checked on exact numbers (`claims`) and the report
+written from them (`report`)."""

@@ -1,0 +1,34 @@
+"""Every section of `python -m lmcoh.bench` runs, at a tiny size (the real sizes are for measuring)."""
+
+import json
+
+from lmcoh import bench
+
+
+def test_exact_section():
+    out = bench.bench_exact(depths=(2, 3), steps=1)
+    assert [r["states"] for r in out["rows"]] == [1 + 4 + 16, 1 + 4 + 16 + 64]
+    assert out["rows"][1]["growth_vs_previous"] > 0
+
+
+def test_lm_section():
+    out = bench.bench_lm(tab_task="random-tree:T=2,A=2", roll_task="random-tree:T=2,A=2", naive_histories=3,
+                         episodes=8, naive_episodes=2, pretrain_task=None)
+    assert out["tabulate"]["histories"] == 1 + 2 and out["tabulate"]["speedup"] > 0
+    assert out["rollout"]["episodes"] == 8 and out["rollout"]["speedup"] > 0
+
+
+def test_selftrain_section():
+    out = bench.bench_selftrain(rounds=1, extra=("--episodes_per_round", "16", "--num_train_epochs", "1"))
+    assert [r["round"] for r in out["rounds"]] == [0, 1] and out["episodes_per_round"] == 16
+    assert out["mean_per_round"]["train_seconds"] > 0
+
+
+def test_main_writes_json(tmp_path, monkeypatch):
+    def tiny():
+        """The exact section at depth 2."""
+        return bench.bench_exact(depths=(2,), steps=1)
+
+    monkeypatch.setattr(bench, "SECTIONS", {"exact": tiny})
+    assert bench.main(["--exact", "--json", str(tmp_path / "b.json")]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["exact"]["rows"][0]["states"] == 21
