@@ -53,15 +53,17 @@ def bench_exact(depths=(6, 7, 8, 9, 10), steps: int = 8) -> dict:
     return {"rows": rows, "target_met": ok}
 
 
-def _naive_tabulate(model, task, codec, goal, contexts, device, per_action: bool) -> None:
+def _naive_tabulate(model, task, codec, contexts, device, per_action: bool) -> None:
     """The baselines: a loop over histories, one forward per history over its legal actions
     (``per_action=False``) or one forward per (history, action) - no batching across
     histories, no cache."""
     import torch
 
     for states, actions in contexts:
-        prompt = codec.prompt(goal, states, actions)
-        cands = [list(codec.actions[a]) for a in task.actions_of(states[-1])]
+        back, cands = codec.choices(states[-1], len(states) - 1)
+        prompt = codec.prompt(states, actions)
+        prompt = prompt[:len(prompt) - back]
+        cands = [list(c) for c in cands]
         for group in ([[c] for c in cands] if per_action else [cands]):
             width = max(len(c) for c in group)
             ids = torch.tensor([prompt + c + [0] * (width - len(c)) for c in group], device=device)
@@ -71,7 +73,7 @@ def _naive_tabulate(model, task, codec, goal, contexts, device, per_action: bool
                 sum(float(logp[row, len(prompt) - 1 + j, tok]) for j, tok in enumerate(c))
 
 
-def _naive_rollouts(model, task, codec, goal, n, seed, device) -> None:
+def _naive_rollouts(model, task, codec, n, seed, device) -> None:
     """The baseline: one episode at a time, each action by `model.generate` restricted to the
     legal action strings through the token trie, the whole transcript re-read at every step."""
     import numpy as np
@@ -80,14 +82,16 @@ def _naive_rollouts(model, task, codec, goal, n, seed, device) -> None:
     from .tasks.episodes import step_environment
 
     rng = np.random.default_rng(seed)
-    eoa = codec.actions[0][-1]
+    eoa = codec.action_tokens[0][-1]
     torch.manual_seed(seed)
     for _ in range(n):
         s = int(rng.choice(task.n_states, p=task.start_prob))
         states, actions = [s], []
         for t in range(task.horizon):
-            prompt = codec.prompt(goal, states, actions)
-            legal = {codec.actions[a]: a for a in task.actions_of(s)}
+            back, cands = codec.choices(s, t)
+            prompt = codec.prompt(states, actions)
+            prompt = prompt[:len(prompt) - back]
+            legal = dict(zip(cands, task.actions_of(s)))
             width = max(len(c) for c in legal)
 
             def allowed(_, ids, n_prompt=len(prompt), legal=legal):
@@ -143,7 +147,7 @@ def bench_lm(tab_task: str = "random-tree:T=5,A=3,stochastic=1", roll_task: str 
     naive = {}
     for per_action in (True, False):
         t0 = time.perf_counter()
-        _naive_tabulate(lm.model, task, codec, "success", sample, device, per_action)
+        _naive_tabulate(lm.model, task, codec, sample, device, per_action)
         naive[per_action] = len(sample) / (time.perf_counter() - t0)
     out["tabulate"] = {"task": tab_task, "histories": table.histories, "histories_per_s": fast,
                        "naive_histories_per_s": naive[True], "speedup": fast / naive[True],
@@ -158,7 +162,7 @@ def bench_lm(tab_task: str = "random-tree:T=5,A=3,stochastic=1", roll_task: str 
     rollout.sample_episodes(lm, task, episodes, progress=False)
     fast = episodes / (time.perf_counter() - t0)
     t0 = time.perf_counter()
-    _naive_rollouts(lm.model, task, codec, "success", naive_episodes, 0, device)
+    _naive_rollouts(lm.model, task, codec, naive_episodes, 0, device)
     naive = naive_episodes / (time.perf_counter() - t0)
     out["rollout"] = {"task": roll_task, "episodes": episodes, "episodes_per_s": fast,
                       "naive_episodes_per_s": naive, "speedup": fast / naive}

@@ -34,7 +34,7 @@ def test_show_prints_model_text(capsys):
     out = capsys.readouterr().out
     assert " [start] You stand at the start of the mountain race. >" in out
     assert " up <eoa>" in out and "horizon 2" in out and "deterministic" in out
-    assert "<success> [start]" in out
+    assert "[start] You stand at the start of the mountain race. <success> up <eoa> [ridge]" in out
 
 
 def test_show_limits_big_tasks(capsys):

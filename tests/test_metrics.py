@@ -46,7 +46,7 @@ def random_policy(task, rng):
 @pytest.mark.parametrize("fixture", ["trie_task", "expedition", "ring"])
 def test_token_incoherence_adds_up_to_state_incoherence(fixture, request):
     task = request.getfixturevalue(fixture)
-    tokens = scoring.Codec(tiny_gpt2(task).tokenizer, task).actions
+    tokens = scoring.Codec(tiny_gpt2(task).tokenizer, task).action_tokens
     rng = np.random.default_rng(1)
     for _ in range(5):
         pi = random_policy(task, rng)
@@ -60,7 +60,7 @@ def test_token_incoherence_adds_up_to_state_incoherence(fixture, request):
 
 
 def test_token_incoherence_is_inf_where_state_incoherence_is(mountain):
-    tokens = scoring.Codec(tiny_llama(mountain).tokenizer, mountain).actions
+    tokens = scoring.Codec(tiny_llama(mountain).tokenizer, mountain).action_tokens
     prior = exact.prior_policy(mountain)
     tok = metrics.token_incoherence(mountain, prior, tokens)
     assert math.isinf(tok["total"]) and math.isinf(exact.incoherence(mountain, prior))
@@ -72,7 +72,7 @@ def test_token_incoherence_is_inf_where_state_incoherence_is(mountain):
 
 
 def test_report_for_an_exact_policy(mountain):
-    tokens = scoring.Codec(tiny_llama(mountain).tokenizer, mountain).actions
+    tokens = scoring.Codec(tiny_llama(mountain).tokenizer, mountain).action_tokens
     g1 = exact.goal_condition(mountain, exact.prior_policy(mountain))
     lm = LMPolicy(g1, exact.occupancy(mountain, g1), 3, True, exact.success(mountain, g1), 0.0, tokens)
     out = metrics.report(mountain, lm, "success")

@@ -7,24 +7,16 @@ import torch
 from conftest import tiny_gpt2
 from lmcoh.oracle import exact
 from lmcoh.cli import main
-from lmcoh.tasks.episodes import sample_prior_episodes
 from lmcoh.tasks.generators import generate
-from lmcoh.lm.model import load_model
+from lmcoh.lm.model import load_model, model_layout
 from lmcoh.lm.tabulate import tabulate
-from lmcoh.lm.pretrain import PretrainConfig, pretrain, training_texts
+from lmcoh.lm.pretrain import DEFAULTS, pretrain
 from lmcoh.tasks.task import Task
 
 
-def test_training_texts_put_the_outcome_in_the_prompt(mountain):
-    labelled = sample_prior_episodes(mountain, 6, np.random.default_rng(0))
-    bare = sample_prior_episodes(mountain, 3, np.random.default_rng(1))
-    prompts, completions = training_texts(mountain, labelled, bare)
-    assert prompts == ["<success>" if e.success else "<failure>" for e in labelled] + [""] * 3
-    assert all(c.startswith(" [start] ") and c.endswith(" <eoa>") for c in completions)
-
-
 @pytest.mark.parametrize("bad", [{"episodes": 0}, {"none_share": 1.0}, {"model_size": "huge"},
-                                 {"learning_rate": 0.0}, {"average_last": 1.0}])
+                                 {"learning_rate": 0.0}, {"average_last": 1.0}, {"lora_r": 0},
+                                 {"format": "natural"}, {"goal_text": "Win."}])
 def test_bad_settings_fail_before_training(bad, mountain, tmp_path):
     with pytest.raises(ValueError):
         pretrain(mountain, tmp_path / "m", **bad)
@@ -34,9 +26,10 @@ def test_bad_settings_fail_before_training(bad, mountain, tmp_path):
 def quality(task, out):
     """TV of the pretrained model to G(p) under <success> and to p with no goal token."""
     loaded = load_model(str(out), device="cpu")
+    layout = model_layout(loaded.meta)
     p = exact.prior_policy(task)
-    success = tabulate(loaded, task, "success").policy
-    none = tabulate(loaded, task, "none").policy
+    success = tabulate(loaded, task, "success", layout=layout).policy
+    none = tabulate(loaded, task, "none", layout=layout).policy
     return success, exact.tv_distance(task, success, exact.goal_condition(task, p)), \
         exact.tv_distance(task, none, p)
 
@@ -48,7 +41,8 @@ def test_mountain_race_prior(mountain, tmp_path):
     assert success[0][0] == pytest.approx(2 / 5, abs=0.03)  # pi(up | start, <success>)
     assert tv_success <= 0.05 and tv_none <= 0.05
     meta = json.loads((out / "lmcoh.json").read_text())
-    assert meta["pretrain"]["episodes"] == PretrainConfig.episodes and meta["prompt_mode"] == "history"
+    assert meta["pretrain"]["episodes"] == DEFAULTS["built-in"]["episodes"] and meta["prompt_mode"] == "history"
+    assert meta["format"] == "compact" and meta["goal_text"] is None
     rebuilt = Task.from_spec(meta["task"]["spec"])
     assert rebuilt.state_names == mountain.state_names and np.allclose(rebuilt.prior, mountain.prior)
 
@@ -71,17 +65,22 @@ def test_pretraining_is_seeded(mountain, tmp_path):
 
 
 @pytest.mark.slow
-def test_continue_pretraining_a_foreign_model(mountain, tmp_path):
+def test_conditioning_a_foreign_model_trains_lora_and_the_new_rows_only(mountain, tmp_path):
     built = tiny_gpt2(mountain)
     built.model.save_pretrained(tmp_path / "gpt2")
     built.tokenizer.save_pretrained(tmp_path / "gpt2")
     out = pretrain(mountain, tmp_path / "prior", base=str(tmp_path / "gpt2"), episodes=64, epochs=2,
                    batch_size=16)
     loaded = load_model(str(out))
-    assert loaded.model.config.model_type == "gpt2" and len(loaded.tokenizer) == len(built.tokenizer)
-    assert loaded.meta["pretrain"]["base"] == str(tmp_path / "gpt2")
-    before = built.model.transformer.wte.weight
-    assert not torch.equal(before, loaded.model.transformer.wte.weight)
+    assert not (out / "adapter_config.json").exists()  # merged: a plain model directory
+    assert loaded.model.config.model_type == "gpt2" and len(loaded.tokenizer) == len(built.tokenizer) + 3
+    assert loaded.meta["pretrain"]["base"] == str(tmp_path / "gpt2") and loaded.meta["format"] == "compact"
+    assert loaded.meta["pretrain"]["added_tokens"] == ["<success>", "<failure>", "<eoa>"]
+    before, after = built.model.transformer.wte.weight, loaded.model.transformer.wte.weight
+    assert torch.equal(before, after[:len(before)])  # the model's own vocabulary is not retrained
+    assert not torch.equal(before[0], after[-1])
+    block = "transformer.h.0.attn.c_attn.weight"
+    assert not torch.equal(built.model.state_dict()[block], loaded.model.state_dict()[block])  # LoRA, merged
 
 
 @pytest.mark.slow
@@ -94,7 +93,8 @@ def test_cli_pretrain(tmp_path, capsys):
 
 def test_cli_pretrain_bad_input(tmp_path, capsys):
     for args in (["random-tree:T=0"], ["mountain_race", "--base", str(tmp_path / "missing")],
-                 ["mountain_race", "--none-share", "1"]):
+                 ["mountain_race", "--none-share", "1"], ["mountain_race", "--format", "chat"],
+                 ["mountain_race", "--goal-text", "Win the race."]):
         assert main(["pretrain", *args, "--out", str(tmp_path / "prior"), "--quiet"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("lmcoh: error: ") and "\n" not in err
