@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m lmcoh.bench [--exact] [--lm] [--selftrain] [--json]``.
+"""Benchmarks: ``python -m lmcoh.bench [--exact] [--lm] [--base] [--selftrain] [--json]``.
 
 Each section is a function returning a dict of measurements and printing a small table; with
 no flag every section runs. Performance targets of the issues are checked here, not in tests.
@@ -207,6 +207,49 @@ def _some_histories(task, n, seed=0):
     return [found[i] for i in pick]
 
 
+def bench_base(task: str = "mountain_race", steps: int | None = None, **settings) -> dict:
+    """Seconds of `lmcoh pretrain --base` on both stand-ins for hub models, and the conditioned models' quality.
+
+    Each stand-in of lmcoh.lm.standins (GPT-2 with byte-level BPE, Llama with SentencePiece-style
+    BPE; about 1M parameters) is built and briefly pretrained on English (``steps``: default the
+    builder's), then conditioned on ``task`` with the defaults for a pretrained base (``settings``:
+    more `PretrainConfig` fields). Target: each `pretrain --base` at most 4 minutes, and the model
+    within TV 0.05 of G(p) prompted with the goal and of p without.
+    """
+    import tempfile
+
+    from .lm.model import load_model, model_layout
+    from .lm.pretrain import pretrain
+    from .lm.standins import FAMILIES, build, english_text
+    from .lm.tabulate import tabulate
+    from .oracle import exact
+    from .tasks.library import load_task
+
+    target = load_task(task)
+    p = exact.prior_policy(target)
+    rows, text = [], english_text()
+    print(f"pretrain --base on the stand-ins, task {task}, defaults for a pretrained base {settings or ''}")
+    print(f"{'stand-in':<8} {'build s':>8} {'pretrain s':>11} {'TV success':>11} {'TV none':>8}")
+    with tempfile.TemporaryDirectory(prefix="lmcoh-bench-") as tmp:
+        for family in FAMILIES:
+            t0 = time.perf_counter()
+            base = build(family, f"{tmp}/{family}", text=text, **({} if steps is None else {"steps": steps}))
+            t1 = time.perf_counter()
+            out = pretrain(target, f"{tmp}/{family}-prior", base=str(base), **settings)
+            t2 = time.perf_counter()
+            loaded = load_model(str(out), device="cpu")
+            layout = model_layout(loaded.meta)
+            tv = [exact.tv_distance(target, tabulate(loaded, target, goal, layout=layout).policy, want)
+                  for goal, want in (("success", exact.goal_condition(target, p)), ("none", p))]
+            rows.append({"family": family, "build_seconds": t1 - t0, "pretrain_seconds": t2 - t1,
+                         "tv_success_to_g": tv[0], "tv_none_to_p": tv[1]})
+            print(f"{family:<8} {t1 - t0:>8.1f} {t2 - t1:>11.1f} {tv[0]:>11.4f} {tv[1]:>8.4f}")
+    ok = all(r["pretrain_seconds"] <= 240 and r["tv_success_to_g"] <= 0.05 and r["tv_none_to_p"] <= 0.05
+             for r in rows)
+    print(f"target: pretrain --base at most 4 minutes, TV at most 0.05: {'met' if ok else 'NOT met'}")
+    return {"task": task, "rows": rows, "target_met": ok}
+
+
 def bench_selftrain(config: str = "mountain_race", rounds: int = 2,
                     extra: tuple[str, ...] = ()) -> dict:
     """Seconds per self-training round split into sampling, training and evaluation.
@@ -246,7 +289,7 @@ def bench_selftrain(config: str = "mountain_race", rounds: int = 2,
             "device": default_device(), "rounds": rows, "mean_per_round": mean}
 
 
-SECTIONS = {"exact": bench_exact, "lm": bench_lm, "selftrain": bench_selftrain}
+SECTIONS = {"exact": bench_exact, "lm": bench_lm, "base": bench_base, "selftrain": bench_selftrain}
 
 
 def main(argv: list[str] | None = None) -> int:

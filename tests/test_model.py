@@ -126,3 +126,31 @@ def test_foreign_gpt2_with_bpe_tokenizer(mountain, tmp_path):
     for s, logp in zip(states, action_logprobs(loaded, mountain, histories)):
         assert len(logp) == len(mountain.actions_of(s))
         assert np.exp(logp).sum() == pytest.approx(1.0)
+
+
+@pytest.mark.slow  # a fresh interpreter: the hub cache location is read when huggingface_hub is imported
+def test_hub_id_from_the_local_cache_offline(tmp_path, llama_tokenizer):
+    """A hub id resolves through a local cache laid out like the hub's (HF_HUB_OFFLINE=1): the path a
+    GPU user's `--base HuggingFaceTB/SmolLM2-135M-Instruct` takes, without a network."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, random_standin, recipe_env
+
+    repo = tmp_path / "hub" / "models--lmcoh-test--tiny-chat"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    lm = random_standin("llama", llama_tokenizer)
+    lm.model.save_pretrained(snapshot)
+    lm.tokenizer.save_pretrained(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    env = {**recipe_env(), "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    code = ("import sys; from lmcoh.cli import main; task = ['--task', 'mountain_race']\n"
+            "found = main(['evaluate', 'lmcoh-test/tiny-chat', *task, '--format', 'chat', '--json'])\n"
+            "missing = main(['evaluate', 'lmcoh-test/elsewhere', *task])\n"
+            "sys.exit(10 * found + missing)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert run.returncode == 2, run.stderr  # found: 0, missing: 2
+    assert json.loads(run.stdout)["reference"] == "model"
+    assert "lmcoh-test/elsewhere: not a local model directory, and not in the local Hugging Face cache (offline)" \
+        in run.stderr

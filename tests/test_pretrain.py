@@ -111,3 +111,50 @@ def test_cli_pretrain_base_that_cannot_write_the_task(tmp_path, capsys):
     assert main(["pretrain", "random-tree:T=2,A=2", "--base", str(prior), "--out", str(tmp_path / "x"),
                  "--quiet"]) == 2
     assert "cannot write" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+# ---- conditioning pretrained models: the stand-ins of lmcoh.lm.standins (slow) ------------------
+@pytest.fixture(scope="module")
+def conditioned(standins, tmp_path_factory, trie_task):
+    """``conditioned(family, task_name)``: `pretrain --base` on a stand-in with the defaults, once per pair."""
+    from lmcoh.tasks.library import load_task
+
+    made = {}
+
+    def make(family, name):
+        if (family, name) not in made:
+            task = trie_task if name == "trie" else load_task(name)
+            out = pretrain(task, tmp_path_factory.mktemp(f"{family}-{name}") / "model", base=standins[family])
+            made[family, name] = (task, out)
+        return made[family, name]
+
+    return make
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("name", ["mountain_race", "trie"])
+def test_a_conditioned_pretrained_model_gives_g_and_p(family, name, conditioned):
+    """Byte-level BPE and SentencePiece models, on the mountain race and on multi-word actions with
+    stochastic moves: prompted with <success> within TV 0.05 of G(p), with no goal within 0.05 of p."""
+    task, out = conditioned(family, name)
+    _, tv_success, tv_none = quality(task, out)
+    meta = json.loads((out / "lmcoh.json").read_text())
+    print(f"{family} {name}: TV to G(p) {tv_success:.4f}, to p {tv_none:.4f}, {meta['pretrain']['seconds']} s")
+    assert tv_success <= 0.05 and tv_none <= 0.05
+    assert meta["pretrain"]["added_tokens"] == ["<success>", "<failure>", "<eoa>"]
+
+
+@pytest.mark.slow
+def test_self_training_a_conditioned_model_follows_retraining(conditioned, tmp_path):
+    from conftest import ROOT, recipe, recipe_args
+
+    _, out = conditioned("gpt2", "mountain_race")
+    run = recipe("self_train").main(*recipe_args(
+        "--config", ROOT / "recipes" / "configs" / "mountain_race.yaml", "--model_name_or_path", out,
+        "--rounds", 3, "--output_dir", tmp_path / "run", "--disable_tqdm", "true"))
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["target_success"] for r in rows] == pytest.approx([17 / 20, 0.8676, 0.8856, 0.9031], abs=1e-4)
+    for r in rows:
+        print(f"round {r['round']}: success {r['success']:.4f}, target {r['target_success']:.4f}")
+        assert abs(r["success"] - r["target_success"]) <= 0.03, r

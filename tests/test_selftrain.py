@@ -328,3 +328,18 @@ def test_lottery_follows_retraining_not_temperature(tmp_path):
     assert retrain[1:] == pytest.approx([1 / 6, 1 / 26]) and hot == pytest.approx(2 / 7)
     assert gamble[0] == pytest.approx(1 / 6, abs=0.05)    # the pretrained prior is within 0.05 of G(p)
     assert gamble[1] == pytest.approx(1 / 26, abs=0.03)   # G^2(p), far from temperature's 0.286
+
+
+def test_the_hub_model_config_reads_a_chat_model_in_bf16_with_lora_everywhere():
+    args, sft, model = recipe_args("--config", _config_file("smollm2_chat"))
+    assert args.format == "chat" and args.task == "mountain_race" and sft.bf16 is True
+    assert model.dtype == "bfloat16" and model.use_peft and model.lora_target_modules == "all-linear"
+    assert "SmolLM2-135M-Instruct" in _config_file("smollm2_chat").read_text()
+
+
+def test_format_and_goal_text_flags():
+    args, _, _ = recipe_args("--format", "natural", "--goal_text", "Reach the gold.")
+    assert args.format == "natural" and args.goal_text == "Reach the gold."
+    assert recipe_args()[0].format == "" and recipe_args()[0].goal_text is None  # the model's own
+    with pytest.raises(RunError, match="argument --format: invalid choice: 'prose'"):
+        recipe_args("--format", "prose")

@@ -325,8 +325,9 @@ def check_task_fits(loaded: LoadedModel, task: Task, layout: Layout = Layout()) 
     """`ModelError` unless the tokenizer can write every state, action and goal text of ``task``
     in ``layout``.
 
-    A text fits when decoding its tokens gives it back (up to whitespace): a word-level
-    tokenizer built for another task fails on the words it maps to ``<unk>``.
+    A text fits when decoding its tokens gives it back (up to whitespace, which SentencePiece
+    tokenizers insert after special tokens): a word-level tokenizer built for another task fails
+    on the words it maps to ``<unk>``.
     """
     writer = Writer(task, layout, loaded.tokenizer)
     first = {}
@@ -338,6 +339,6 @@ def check_task_fits(loaded: LoadedModel, task: Task, layout: Layout = Layout()) 
     tok = loaded.tokenizer
     ids = tok(texts, add_special_tokens=False)["input_ids"]
     for text, back in zip(texts, tok.batch_decode(ids)):
-        if back.split() != text.split():
+        if "".join(back.split()) != "".join(text.split()):
             raise ModelError(f"the tokenizer of {loaded.path or 'the model'} cannot write {text.strip()!r} "
                              f"from task {task.name!r}; pretrain a model for this task (lmcoh pretrain)")

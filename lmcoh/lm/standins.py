@@ -120,7 +120,7 @@ def new_model(family: str, tokenizer, seed: int = 0, hidden_size: int = 128, num
         return cls(config)
 
 
-def train_on_text(model, tokenizer, text: str, steps: int = 150, batch_size: int = 16, length: int = 64,
+def train_on_text(model, tokenizer, text: str, steps: int = 400, batch_size: int = 16, length: int = 64,
                   learning_rate: float = 3e-3, seed: int = 0) -> float:
     """Next-token training on random windows of ``text``; returns the last step's loss."""
     import torch
@@ -144,7 +144,7 @@ def train_on_text(model, tokenizer, text: str, steps: int = 150, batch_size: int
     return float(loss.detach())
 
 
-def build(family: str, out_dir: str | Path, seed: int = 0, steps: int = 150, text: str | None = None) -> Path:
+def build(family: str, out_dir: str | Path, seed: int = 0, steps: int = 400, text: str | None = None) -> Path:
     """Build, briefly pretrain and save a stand-in of ``family`` into ``out_dir``; returns it."""
     import torch
 
@@ -154,7 +154,10 @@ def build(family: str, out_dir: str | Path, seed: int = 0, steps: int = 150, tex
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         train_on_text(model, tokenizer, text, steps=steps, seed=seed)
+    from .model import quiet_hf
+
     out = Path(out_dir)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    with quiet_hf():
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
     return out
