@@ -56,14 +56,14 @@ def test_training_updates_lora_and_the_new_rows_only(family, tied, gpt2_tokenize
     args = sft_config(output_dir=str(tmp_path), num_train_epochs=1, per_device_train_batch_size=4,
                       learning_rate=1e-2, disable_tqdm=True)
     train_sft(lm.model, lm.tokenizer, examples(lm, mountain), args)
-    after_in = base.get_input_embeddings().weight.detach()
-    after_out = base.get_output_embeddings().weight.detach()
+    after_in = base.get_input_embeddings().weight.detach().cpu()  # the Trainer may have moved it to a GPU
+    after_out = base.get_output_embeddings().weight.detach().cpu()
     old = slice(0, min(new))
     assert torch.equal(before_in[old], after_in[old]) and torch.equal(before_out[old], after_out[old])
     assert not torch.equal(before_in[new], after_in[new]) and not torch.equal(before_out[new], after_out[new])
     assert any(p.abs().sum() > 0 for n, p in lm.model.named_parameters() if "lora_B" in n)
     merged = lm.model.merge_and_unload()
-    assert torch.equal(merged.get_input_embeddings().weight[new], after_in[new])
+    assert torch.equal(merged.get_input_embeddings().weight[new].cpu(), after_in[new])
 
 
 def test_trl_fused_head_needs_the_wrappers_bias(gpt2_tokenizer, mountain, tmp_path):
