@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 2 recipes/self_train.py --config recipes/configs/mountain_race.yaml
     python recipes/self_train.py --task lottery --rounds 2 --mode label --gradient_accumulation_steps 2
 
-docs/theory.md, "Retraining": pi_0 = p, pi_{k+1} = G(pi_k). Round 0 evaluates the prior
+docs/theory.md, "Goal conditioning and retraining": pi_0 = p, pi_{k+1} = G(pi_k). Round 0 evaluates the prior
 prompted with <success>, which approximates G(p). Each later round samples episodes from the
 current success-prompted model, keeps the successes (--mode filter) or labels every episode
 with its outcome (--mode label), fine-tunes the adapter on them with TRL's SFTTrainer, and

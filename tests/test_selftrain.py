@@ -271,7 +271,7 @@ def test_killed_run_resumes_to_the_uninterrupted_metrics(tmp_path):
 
 @pytest.mark.slow
 def test_trainer_settings_reach_the_run(tmp_path):
-    """The issue's command: gradient accumulation, a cosine schedule and TensorBoard, recorded and used."""
+    """Gradient accumulation, a cosine schedule and TensorBoard: recorded in config.yaml and used."""
     task = load_task("mountain_race")
     out = self_train("--task", "mountain_race", "--model_name_or_path", _tiny_model_dir(task, tmp_path / "model"),
                      "--rounds", 1, "--episodes_per_round", 64, "--gradient_accumulation_steps", 2,

@@ -85,7 +85,7 @@ def _last_continuation(task: Task, reward_scale: float) -> np.ndarray:
 
 def soft_values(task: Task, policy: Policy, reward_scale: float = 1.0,
                 bonus: Policy | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Soft Q^pi and V^pi (docs/theory.md): exp Q = P(success from (s, a) | later actions from pi).
+    """Soft Q^pi and V^pi (docs/theory.md, "Soft values of a policy"): exp Q = P(success from (s, a) | later actions from pi).
 
     ``reward_scale`` multiplies every log q (temperature); ``bonus`` adds a per-action reward
     (the folded sequences' extra log-policy terms).

@@ -1,10 +1,11 @@
 """The pieces of a self-training round; the loop itself is recipes/self_train.py.
 
-docs/theory.md, "Retraining": pi_0 = p, pi_{k+1} = G(pi_k). In a language model, round 0 is
-the pretrained prior prompted with ``<success>`` (approximately G(p)); round k = 1..K samples
-episodes from the current success-prompted model, keeps the successful ones (``filter``) or
-keeps all behind their outcome token (``label``), fine-tunes the adapter on them, and
-evaluates the success-prompted model exactly against the oracle's target G^(k+1)(p).
+docs/theory.md, "Goal conditioning and retraining": pi_0 = p, pi_{k+1} = G(pi_k). In a
+language model, round 0 is the pretrained prior prompted with ``<success>`` (approximately
+G(p)); round k = 1..K samples episodes from the current success-prompted model, keeps the
+successful ones (``filter``) or keeps all behind their outcome token (``label``), fine-tunes
+the adapter on them, and evaluates the success-prompted model exactly against the oracle's
+target G^(k+1)(p).
 
 Determinism: every round reseeds from (seed, round) and loads its model from disk, so a run
 resumed after a kill computes exactly what an uninterrupted one does.
