@@ -85,7 +85,7 @@ def _naive_rollouts(model, task, codec, goal, n, seed, device) -> None:
     for _ in range(n):
         s = int(rng.choice(task.n_states, p=task.start_prob))
         states, actions = [s], []
-        for t in range(task.horizon):
+        for t in range(task.steps):
             prompt = codec.prompt(goal, states, actions)
             legal = {codec.actions[a]: a for a in task.actions_of(s)}
             width = max(len(c) for c in legal)
@@ -198,7 +198,7 @@ def _some_histories(task, n, seed=0):
         found += frontier
         frontier = [(states + [nxt], actions + [a]) for states, actions in frontier
                     for a in task.actions_of(states[-1]) for nxt, _ in task.successors(a)
-                    if not task.terminal[nxt] and len(states) < task.horizon]
+                    if not task.terminal[nxt] and len(states) < task.steps]
     pick = np.random.default_rng(seed).choice(len(found), size=min(n, len(found)), replace=False)
     return [found[i] for i in pick]
 

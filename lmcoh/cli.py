@@ -17,6 +17,7 @@ import sys
 
 from .errors import LmcohError
 from .io import dumps, jsonable, write_jsonl
+from .tasks import budget
 from .tasks.task import Task
 
 
@@ -76,7 +77,7 @@ def _start_states(task: Task) -> list[int]:
 def _first_path(task: Task) -> tuple[list[int], list[int]]:
     """The most likely trajectory that always takes each state's first action."""
     s, states, actions = _start_states(task)[0], [], []
-    for _ in range(task.horizon):
+    for _ in range(task.steps):
         if task.terminal[s]:
             break
         a = task.actions_of(s)[0]
@@ -91,6 +92,9 @@ def _cmd_exact(args: argparse.Namespace) -> None:
     from .tasks.library import load_task
 
     task = load_task(args.task)
+    elements = sum(len(layer.states) + len(layer.actions) + len(layer.trans) for layer in task.layers)
+    budget.check(f"the exact oracle on {task.name!r} over {args.steps} steps",
+                 budget.oracle_bytes(elements, task.n_actions, args.steps, tables=args.json and not args.no_policies))
     if args.json:
         result = exact.analyse(task, steps=args.steps, delta=args.delta, policies=not args.no_policies)
         print(dumps(result))
@@ -222,6 +226,9 @@ def _positive_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmcoh", description="Coherence of goal-conditioned language-model policies on small decision tasks.")
+    parser.add_argument("--memory-limit", type=_positive_float, metavar="GB",
+                        help="refuse work estimated to need more memory than this (default: half the "
+                             "machine's memory, at most 8; also LMCOH_MEMORY_LIMIT_GB)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     task_help = "a task YAML file, a built-in name (see `lmcoh tasks`) or a generator spec (random-tree:T=4,A=3)"
 
@@ -307,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        budget.set_limit_gb(args.memory_limit)
         args.handler(args)
     except (LmcohError, KeyboardInterrupt) as err:
         message = str(err) or "interrupted"

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +110,33 @@ def replace_dir(src: str | Path, dest: str | Path) -> Path:
         os.replace(src, dest)
     return dest
 
+
+
+@contextmanager
+def exclusive(path: str | Path, what: str = "run"):
+    """Hold the lock of directory ``path`` while the block runs: one run per directory.
+
+    The lock is a sibling file ``.NAME.lock`` locked with `filelock` (an OS lock, so it dies
+    with its process: a killed run leaves no stale lock) and holding the owner's pid. A second
+    run on the same directory fails at once with an `LmcohError` naming that pid.
+    """
+    from filelock import FileLock, Timeout
+
+    path = Path(path).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = path.parent / f".{path.name}.lock"
+    lock = FileLock(lock_path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            owner = lock_path.read_text().strip() or "unknown"
+        except OSError:
+            owner = "unknown"
+        raise LmcohError(f"{path} is in use by another {what} (pid {owner}); wait for it to finish "
+                         "or choose another directory") from None
+    try:
+        lock_path.write_text(f"{os.getpid()}\n")
+        yield
+    finally:
+        lock.release()

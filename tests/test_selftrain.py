@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -86,8 +87,9 @@ def test_round_args_derive_from_the_users_sftconfig(tmp_path):
     _, sft, _ = recipe_args("--gradient_accumulation_steps", "3", "--seed", "7", "--output_dir", tmp_path)
     run = RunDirectory(tmp_path)
     for k in (1, 2):
-        args = round_args(sft, run, k)
+        args = round_args(sft, run, k, 16)
         assert args.gradient_accumulation_steps == 3 and args.learning_rate == sft.learning_rate
+        assert args.per_device_train_batch_size == 16
         assert args.seed == args.data_seed == round_seed(7, k)
         assert args.output_dir == str(tmp_path / "trainer" / f"round_{k}")
 
@@ -149,10 +151,18 @@ def test_training_texts_filter_and_label():
 
 # ---- output directory ----------------------------------------------------------------------------
 def _fake_round(out: Path, k: int) -> dict:
+    """A complete round k as the loop writes it: metrics, evaluation and (k > 0) an adapter."""
+    from safetensors.numpy import save_file
+
     line = {"round": k, "success": 0.85 + 0.01 * k, "target_success": 0.85 + 0.01 * k}
     d = out / "rounds" / str(k)
     d.mkdir(parents=True)
     (d / "metrics.json").write_text(json.dumps(line))
+    (d / "eval.json").write_text(json.dumps({"success": line["success"]}))
+    if k > 0:
+        (d / "model").mkdir()
+        (d / "model" / "adapter_config.json").write_text("{}")
+        save_file({"w": np.zeros((2, 2), dtype=np.float32)}, str(d / "model" / "adapter_model.safetensors"))
     return line
 
 

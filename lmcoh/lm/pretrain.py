@@ -9,14 +9,18 @@ so the bare prompt gives p itself.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .. import faults
 from ..errors import ModelError
+from ..io import exclusive
 from ..tasks.episodes import Episode, sample_outcome_balanced, sample_prior_episodes
 from ..tasks.task import Task
 from .text import episode_text
@@ -69,14 +73,32 @@ def pretrain(task: Task, out_dir: str | Path, *, episodes: int = PretrainConfig.
              learning_rate: float = PretrainConfig.learning_rate, batch_size: int = PretrainConfig.batch_size,
              average_last: float = PretrainConfig.average_last, progress: bool = False,
              report_to: str = "none") -> Path:
-    """Pretrain a prior for ``task`` (or continue pretraining ``base``) and save it to ``out_dir``."""
+    """Pretrain a prior for ``task`` (or continue pretraining ``base``) and save it to ``out_dir``.
+
+    Under a data-parallel launch every process trains (``batch_size`` is the global batch, split
+    over the processes, so any number of processes trains the same model) and the main one
+    holds ``out_dir``'s lock and saves.
+    """
     config = PretrainConfig(episodes, epochs, seed, none_share, learning_rate, batch_size, model_size, average_last)
     config.check()
-    from .model import build_tokenizer, check_out_dir, check_task_fits, load_model, new_llama, save_model
+    from .model import check_out_dir
+    from .training import is_main_process
+
+    check_out_dir(out_dir)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if batch_size % world:
+        raise ModelError(f"the batch size {batch_size} does not split evenly over {world} processes")
+    with exclusive(out_dir, "pretraining") if is_main_process() else nullcontext():
+        return _pretrain(task, Path(out_dir), config, base, batch_size // world, progress, report_to)
+
+
+def _pretrain(task: Task, out: Path, config: PretrainConfig, base: str | None, per_device_batch: int,
+              progress: bool, report_to: str) -> Path:
+    from .model import build_tokenizer, check_task_fits, load_model, new_llama, save_model
     from .training import is_main_process, sft_config, train_sft
 
     started = time.perf_counter()
-    check_out_dir(out_dir)
+    episodes, seed = config.episodes, config.seed
     if base is not None:
         loaded = load_model(base, device="cpu")
         check_task_fits(loaded, task)
@@ -84,18 +106,19 @@ def pretrain(task: Task, out_dir: str | Path, *, episodes: int = PretrainConfig.
         meta.pop("adapter", None)
     else:
         tokenizer = build_tokenizer(task)
-        model = new_llama(tokenizer, **MODEL_SIZES[model_size], seed=seed)
+        model = new_llama(tokenizer, **MODEL_SIZES[config.model_size], seed=seed)
         meta = {}
 
     rng = np.random.default_rng(seed)
-    n_bare = round(episodes * none_share / (1.0 - none_share))
+    n_bare = round(episodes * config.none_share / (1.0 - config.none_share))
     prompts, completions = training_texts(task, sample_outcome_balanced(task, episodes, rng),
                                           sample_prior_episodes(task, n_bare, rng))
     with tempfile.TemporaryDirectory(prefix="lmcoh-pretrain-") as scratch:
-        args = sft_config(output_dir=scratch, num_train_epochs=epochs, learning_rate=learning_rate,
-                          per_device_train_batch_size=batch_size, seed=seed, data_seed=seed,
+        args = sft_config(output_dir=scratch, num_train_epochs=config.epochs, learning_rate=config.learning_rate,
+                          per_device_train_batch_size=per_device_batch, seed=seed, data_seed=seed,
                           report_to=report_to, disable_tqdm=not progress)
-        stats = train_sft(model, tokenizer, prompts, completions, args, average_last=average_last)
+        stats = train_sft(model, tokenizer, prompts, completions, args, average_last=config.average_last)
+    faults.point("pretrain")
     meta.update({
         "kind": "prior",
         "task": {"name": task.name, "source": task.source, "spec": task.to_spec()},
@@ -103,7 +126,6 @@ def pretrain(task: Task, out_dir: str | Path, *, episodes: int = PretrainConfig.
         "pretrain": {**asdict(config), "base": base, "examples": len(prompts),
                      "train_loss": stats.get("train_loss"), "seconds": round(time.perf_counter() - started, 2)},
     })
-    out = Path(out_dir)
     if is_main_process():
         save_model(model, tokenizer, out, meta)
     return out

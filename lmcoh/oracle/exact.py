@@ -49,11 +49,11 @@ def _backup(task: Task, combine: Callable[[int, np.ndarray], np.ndarray], reward
     """Backward induction. ``combine(t, Q_t)`` turns action values into state values."""
     v = np.where(task.terminal, _scaled(task.terminal_logq, reward_scale),
                  _scaled(task.timeout_logq, reward_scale))
-    Q: list[np.ndarray] = [np.zeros(0)] * task.horizon
-    V: list[np.ndarray] = [np.zeros(0)] * task.horizon
-    for t in reversed(range(task.horizon)):
+    Q: list[np.ndarray] = [np.zeros(0)] * task.steps
+    V: list[np.ndarray] = [np.zeros(0)] * task.steps
+    for t in reversed(range(task.steps)):
         layer = task.layers[t]
-        if t == task.horizon - 1:
+        if t == task.steps - 1:
             cont = _last_continuation(task, reward_scale)
         else:
             cont = _continuation(layer, v)
@@ -159,7 +159,7 @@ def boltzmann_iteration(task: Task, delta: float = 1.0, steps: int | None = None
                         start: Policy | None = None) -> list[Policy]:
     """pi <- pi^delta from ``start`` (the prior); coherent within T steps (Prop 4.10)."""
     out = [prior_policy(task) if start is None else start]
-    for _ in range(task.horizon if steps is None else steps):
+    for _ in range(task.steps if steps is None else steps):
         out.append(boltzmann_policy(task, out[-1], delta))
     return out
 
@@ -202,7 +202,7 @@ def _forward(task: Task, policy: Policy) -> tuple[list[np.ndarray], float, float
             ent -= float(np.sum(np.where(flow > 0, flow * np.log(p), 0.0)))
         reward, stay = _action_outcomes(task, t)
         ret += _expect(flow, reward)
-        if t == task.horizon - 1:
+        if t == task.steps - 1:
             alive = float(np.dot(flow, stay))
         else:
             w = layer.by_action.repeat(flow) * np.exp(layer.trans_logp)

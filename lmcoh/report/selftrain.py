@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..io import number
+from ..io import number, write_text
 from .plots import plot_rounds
 from .tables import fmt, markdown_table
 
@@ -110,5 +110,5 @@ def write_selftrain_report(out: Path, rows: list[dict], details: list[dict], *, 
         *[f"- {line}" for line in (selftrain_reading(rows, optimum) if rows else ["No complete rounds yet."])],
         "", "## Plots", "", *[f"![{p.stem}]({p.name})" for p in plots], ""]
     path = out / "report.md"
-    path.write_text("\n".join(parts))
+    write_text(path, "\n".join(parts))
     return path
