@@ -56,7 +56,7 @@ def main(script_args: SelfTrainArguments, training_args, model_args) -> Path:
         for k in range(done, script_args.rounds + 1):
             set_seed(rounds.round_seed(training_args.seed, k))
             episodes, kept, t_sample, t_train = [], 0, 0.0, 0.0
-            with rounds.failing_as_round(k):
+            with rounds.failing_as_round(k, training_args):
                 if k == 0:
                     policy = rounds.evaluated_model(base, run, 0, init)
                 else:

@@ -235,6 +235,15 @@ def check_trainer_settings(sft, model) -> None:
     _check("learning_rate", sft.learning_rate, lambda v: v >= 0 and math.isfinite(v), "must be >= 0")
     if sft.max_steps <= 0:
         _check("num_train_epochs", sft.num_train_epochs, lambda v: v > 0 and math.isfinite(v), "must be positive")
+    from transformers.integrations.integration_utils import (INTEGRATION_TO_CALLBACK,
+                                                             get_available_reporting_integrations)
+
+    for name in sft.report_to or []:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise RunError(f"report_to: unknown integration {name!r}; choose from none, all, "
+                           + ", ".join(INTEGRATION_TO_CALLBACK))
+        if name not in get_available_reporting_integrations():
+            raise RunError(f"report_to {name} needs its package installed (pip install {name})")
     if model.use_peft:
         _check("lora_r", model.lora_r, lambda v: v >= 1, "must be >= 1")
         _check("lora_alpha", model.lora_alpha, lambda v: v > 0, "must be positive")

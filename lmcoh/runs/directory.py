@@ -47,24 +47,11 @@ class RunDirectory:
     # ---- opening ------------------------------------------------------------------------------
     @contextmanager
     def opened(self, state, config: dict, overwrite: bool = False, header: str = ""):
-        """Lock, check and prepare the directory on the main process only, and share its
-        verdict, a refusal included, with every process (so all exit with the same line);
-        yields the number of complete rounds. The lock is held until the block ends."""
-        from accelerate.utils import broadcast_object_list
-
-        verdict: list = [None]
-        with ExitStack() as held:
-            if state.is_main_process:
-                try:
-                    held.enter_context(io.exclusive(self.path))
-                    verdict[0] = self.prepare(config, overwrite, header)
-                except LmcohError as err:
-                    verdict[0] = str(err)
-            if state.num_processes > 1:
-                broadcast_object_list(verdict, from_process=0)
-            if isinstance(verdict[0], str):
-                raise RunError(verdict[0])
-            yield verdict[0]
+        """Lock, check and prepare the directory on the main process only; its verdict, a
+        refusal included, reaches every process (so all exit with the same line). Yields the
+        number of complete rounds; the lock is held until the block ends."""
+        with locked(state, self.path):
+            yield on_main(state, lambda: self.prepare(config, overwrite, header))
 
     def check(self, config: dict, overwrite: bool = False) -> None:
         """`RunError` if the directory holds something else, or a run with another config."""
@@ -140,6 +127,33 @@ class RunDirectory:
         io.replace_dir(tmp, self.round_dir(k))
         faults.point("commit_round")
         self.sync_metrics()
+
+
+def on_main(state, fn):
+    """``fn()`` on the main process only; its result, or its one-line refusal, is shared with
+    every process (a refusal is raised on all of them as a `RunError`)."""
+    from accelerate.utils import broadcast_object_list
+
+    result = [None, None]
+    if state.is_main_process:
+        try:
+            result[0] = fn()
+        except LmcohError as err:
+            result[1] = str(err)
+    if state.num_processes > 1:
+        broadcast_object_list(result, from_process=0)
+    if result[1] is not None:
+        raise RunError(result[1])
+    return result[0]
+
+
+@contextmanager
+def locked(state, path: str | Path, what: str = "run"):
+    """Directory ``path``'s lock (lmcoh.io.exclusive), held by the main process while the
+    block runs; a refusal reaches every process."""
+    with ExitStack() as held:
+        on_main(state, lambda: held.enter_context(io.exclusive(path, what)))
+        yield
 
 
 def _damage(round_dir: Path) -> str | None:

@@ -97,13 +97,18 @@ def round_args(sft, run: RunDirectory, k: int, per_device_batch: int):
 
 
 @contextmanager
-def failing_as_round(k: int):
-    """A failure inside round k (a diverged training, a model gone non-finite) names the round;
-    nothing of the round has been written, so the earlier rounds stay resumable."""
+def failing_as_round(k: int, sft):
+    """A failure inside round k (a diverged training, a model gone non-finite) names the round
+    and the likely cause; nothing of the round has been written, so the earlier rounds stay
+    resumable."""
     try:
         yield
     except LmcohError as err:
-        raise RunError(f"round {k}: {err}") from None
+        hint = ""
+        if "not finite" in str(err):  # training made the weights blow up: say what to change
+            hint = (f"; the learning rate ({sft.learning_rate:g}) is the likely cause: lower --learning_rate "
+                    "or --max_grad_norm")
+        raise RunError(f"round {k}: {err}{hint}") from None
 
 
 @contextmanager
