@@ -14,6 +14,7 @@ import argparse
 import math
 import os
 import sys
+from pathlib import Path
 
 from .errors import LmcohError
 from .io import dumps, jsonable, write_jsonl
@@ -36,6 +37,11 @@ def _cmd_tasks(args: argparse.Namespace) -> None:
 
 
 def _cmd_show(args: argparse.Namespace) -> None:
+    if args.plot is not None:
+        _show_plot(args)
+        return
+    if args.policy is not None:
+        raise LmcohError("--policy chooses the policy of the picture: give --plot FILE too")
     from .lm import text
     from .tasks.library import load_task
 
@@ -68,6 +74,24 @@ def _cmd_show(args: argparse.Namespace) -> None:
     states, actions = _first_path(task)
     print("\nAn episode (first action everywhere), as a success-conditioned transcript:")
     print(" ", text.episode_text(task, "success", states, actions).strip())
+
+
+def _show_plot(args: argparse.Namespace) -> None:
+    """`lmcoh show TASK --plot FILE --policy SPEC`: the decision graph under one policy."""
+    from .tasks.library import load_task
+
+    path = Path(args.plot)
+    if path.suffix.lower() not in (".png", ".svg"):
+        raise LmcohError(f"{args.plot}: the picture must be a .png or .svg file")
+    if not path.parent.is_dir():
+        raise LmcohError(f"{args.plot}: no such directory {str(path.parent)!r}")
+    task = load_task(args.task)
+    from .report.taskgraph import plot_policies, policy_from_spec  # matplotlib: only for a picture
+
+    spec = args.policy or "p"
+    title, policy = policy_from_spec(task, spec)
+    graph = plot_policies(path, task, [(f"{task.name} under {spec}: {title}", policy)])[0]
+    print(f"{path}: {task.name} under {spec} ({title}), {graph.note or f'{len(graph.nodes)} nodes'}")
 
 
 def _start_states(task: Task) -> list[int]:
@@ -238,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="print a task as the model reads it, with basic stats")
     p.add_argument("task", metavar="TASK", help=task_help)
     p.add_argument("--limit", type=_nonnegative_int, default=40, help="print at most this many states (default 40)")
+    p.add_argument("--plot", metavar="FILE", help="draw the decision graph into FILE (.png or .svg) instead")
+    p.add_argument("--policy", metavar="SPEC",
+                   help="the policy drawn: p (default), retrain:K, temperature:A, fold:K, fold_ratio:K, "
+                        "cumulative:K, boltzmann (coherent) or model:DIR (an LM prompted with <success>)")
     p.set_defaults(handler=_cmd_show)
 
     p = sub.add_parser("exact", help="exact success, return and incoherence along every sequence")

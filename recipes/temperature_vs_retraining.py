@@ -77,7 +77,7 @@ def main(script_args: TemperatureArguments, training_args, model_args) -> Path:
 
             # 3. write the outputs, then move them into place
             work.mkdir(parents=True, exist_ok=True)
-            write_outputs(work, comparison, details)
+            write_outputs(work, comparison, details, task)
             replace_dir(work, out)
             print(f"report: {out / 'report.md'}", flush=True)
         state.wait_for_everyone()

@@ -232,6 +232,25 @@ def test_report_from_rows_has_targets_reading_and_plots(tmp_path):
         assert (tmp_path / name).stat().st_size > 1000 and f"({name})" in md
 
 
+def test_report_pictures_the_final_round_beside_its_target(tmp_path):
+    task = load_task("mountain_race")
+    targets = exact.sequence(task, "retrain", 3)
+    rows = [{"round": k, "success": 0.8, "target_success": 0.8, "tv_to_target": 0.01, "incoherence": 0.1,
+             "target_incoherence": 0.1, "token_incoherence": 0.1, "sampled_success_rate": None,
+             "episodes_sampled": 0, "episodes_kept": 0, "sample_seconds": 0.0, "train_seconds": 0.0,
+             "eval_seconds": 0.0} for k in range(2)]
+    details = [{"incoherence_finite_part": 0.1, "policy": exact.policy_table(task, targets[k + 1])} for k in range(2)]
+    md = report.write_selftrain_report(tmp_path, rows, details, task_name=task.name, mode="filter",
+                                       optimum=1.0, config={}, task=task).read_text()
+    assert (tmp_path / "final_round.png").stat().st_size > 1000 and "(final_round.png)" in md
+    del details[-1]["policy"]  # no policy table: no picture, the rest as before
+    old = tmp_path / "old"
+    old.mkdir()
+    report.write_selftrain_report(old, rows, details, task_name=task.name, mode="filter", optimum=1.0,
+                                  config={}, task=task)
+    assert sorted(p.name for p in old.iterdir()) == ["incoherence.png", "report.md", "success.png", "tv.png"]
+
+
 # ---- the loop, with a tiny untrained model (slow: it samples and trains) -----------------------
 def _tiny_model_dir(task, path: Path) -> str:
     from conftest import tiny_llama

@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..errors import LmcohError
 from ..tasks.task import Task
 from ..tasks.task import safe_log as _log
 
@@ -318,6 +319,19 @@ def policy_table(task: Task, policy: Policy) -> dict[str, dict[str, float]]:
             lo, hi = layer.start[i], layer.start[i + 1]
             table[key] = {task.action_names[a]: float(x) for a, x in zip(layer.actions[lo:hi], p[lo:hi])}
     return table
+
+
+def policy_from_table(task: Task, table: dict[str, dict[str, float]]) -> Policy:
+    """The policy a `policy_table` shows (as read back from a JSON file), in array form."""
+    policy = []
+    for keys, layer in zip(task.policy_keys(), task.layers):
+        owners = np.repeat(keys, layer.by_state.counts)
+        try:
+            policy.append(np.array([float(table[key][task.action_names[a]])
+                                    for key, a in zip(owners, layer.actions)]))
+        except KeyError as err:
+            raise LmcohError(f"the policy table has no probability for {err.args[0]!r} of {task.name}") from None
+    return policy
 
 
 def summary(task: Task, policy: Policy, delta: float = 1.0,

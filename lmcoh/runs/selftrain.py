@@ -251,7 +251,7 @@ def write_report(run: RunDirectory, args, task: Task, config: dict) -> Path:
     details = [io.read_json(run.round_dir(r["round"]) / "eval.json") for r in rows]
     faults.point("report")
     return write_selftrain_report(run.path, rows, details, task_name=task.name, mode=args.mode,
-                                  optimum=exact.optimal_success(task), config=config)
+                                  optimum=exact.optimal_success(task), config=config, task=task)
 
 
 def no_successes(k: int, n: int) -> RunError:

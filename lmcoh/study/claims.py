@@ -401,7 +401,11 @@ def paper_examples(mountain: Task) -> dict:
         "iteration reaches the coherent (4/7, 3/7).",
         ["quantity", "paper", "paper value", "computed", "|difference|"], rows,
         [_check("the oracle reproduces the paper's fractions", HOLDS if worst <= EQUAL_TOL else FAILS,
-                f"largest difference {_g(worst)}")])
+                f"largest difference {_g(worst)}")],
+        plot={"kind": "policies", "task": mountain.name,
+              "policies": {"p (the prior)": exact.policy_table(mountain, seq[0]),
+                           "G(p): conditioned on success": exact.policy_table(mountain, seq[1]),
+                           "coherent: Boltzmann iteration": exact.policy_table(mountain, boltz[-1])}})
 
 
 # ---- 3. Corollary 5.10 ---------------------------------------------------------------------------
