@@ -66,6 +66,17 @@ def tiny_gpt2(task, seed=0, vocab_size=300):
 
 
 @pytest.fixture(scope="session")
+def mountain_prior(tmp_path_factory) -> str:
+    """The built-in prior for the mountain race as the recipe's config pretrains it, built once."""
+    from lmcoh.lm.pretrain import pretrain
+    from lmcoh.tasks.library import load_task
+
+    args, sft, _ = recipe_args("--config", ROOT / "recipes" / "configs" / "mountain_race.yaml")
+    return str(pretrain(load_task("mountain_race"), tmp_path_factory.mktemp("prior") / "prior",
+                        episodes=args.pretrain_episodes, epochs=args.pretrain_epochs, seed=sft.seed))
+
+
+@pytest.fixture(scope="session")
 def mountain():
     from lmcoh.tasks.library import load_task
 

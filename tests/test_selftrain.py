@@ -321,15 +321,6 @@ def _config_file(name: str) -> Path:
     return ROOT / "recipes" / "configs" / f"{name}.yaml"
 
 
-@pytest.fixture(scope="module")
-def mountain_prior(tmp_path_factory):
-    from lmcoh.lm.pretrain import pretrain
-
-    args, sft, _ = recipe_args("--config", _config_file("mountain_race"))
-    return str(pretrain(load_task("mountain_race"), tmp_path_factory.mktemp("prior") / "prior",
-                        episodes=args.pretrain_episodes, epochs=args.pretrain_epochs, seed=sft.seed))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["filter", "label"])
 def test_mountain_race_success_follows_exact_retraining(mode, mountain_prior, tmp_path):

@@ -47,6 +47,7 @@ def sft_defaults() -> dict:
         "optim": "adamw_torch",
         "dataloader_pin_memory": cuda,
         "use_cpu": not cuda,               # under torchrun on a CPU: gloo data parallelism
+        "ddp_find_unused_parameters": False,  # every trainable weight takes part in every step
     }
 
 
