@@ -21,8 +21,10 @@ def one_line_error(call, match):
 
 
 def logits(model, tokenizer, text):
+    """The model's logits for ``text``, on the CPU (the model may sit on a GPU)."""
+    device = next(model.parameters()).device
     with torch.no_grad():
-        return model(**tokenizer(text, return_tensors="pt")).logits
+        return model(**tokenizer(text, return_tensors="pt").to(device)).logits.cpu()
 
 
 def test_word_tokenizer_writes_every_chunk(mountain):
