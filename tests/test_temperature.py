@@ -217,12 +217,12 @@ def test_selftrain_dir_of_another_task_is_refused(tmp_path):
 # ---- the language model (slow) -------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["lottery", "mountain_race"])
-def test_lm_retraining_against_rejection_sampling(tmp_path, name):
+def test_lm_retraining_against_rejection_sampling(tmp_path, name, default_prior):
     """Lottery: the LM parts ways like the exact policies (TV >= 0.15 at k = 2), each method
     within 0.05 of its own exact target. Mountain race: retrained LM and rejection agree (TV <= 0.08)."""
     out = recipe("temperature_vs_retraining").main(*temperature_args(
         "--task", name, "--output_dir", tmp_path / "out", "--rounds", 1, "--rejection_episodes", 1500,
-        "--episodes_per_round", 1500, "--disable_tqdm", "true"))
+        "--episodes_per_round", 1500, "--model_name_or_path", default_prior(name), "--disable_tqdm", "true"))
     rows = json.loads((out / "comparison.json").read_text())["rows"]
     lm = json.loads((out / "details.json").read_text())["lm"]
     assert [list(r) for r in rows] == [ROW_KEYS] * 3
