@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m lmcoh.bench [--exact] [--lm] [--selftrain] [--json]``.
+"""Benchmarks: ``python -m lmcoh.bench [--exact] [--lm] [--base] [--selftrain] [--json]``.
 
 Each section is a function returning a dict of measurements and printing a small table; with
 no flag every section runs. Performance targets of the issues are checked here, not in tests.
@@ -54,15 +54,17 @@ def bench_exact(depths=(6, 7, 8, 9, 10), steps: int = 8) -> dict:
     return {"rows": rows, "target_met": ok}
 
 
-def _naive_tabulate(model, task, codec, goal, contexts, device, per_action: bool) -> None:
+def _naive_tabulate(model, task, codec, contexts, device, per_action: bool) -> None:
     """The baselines: a loop over histories, one forward per history over its legal actions
     (``per_action=False``) or one forward per (history, action) - no batching across
     histories, no cache."""
     import torch
 
     for states, actions in contexts:
-        prompt = codec.prompt(goal, states, actions)
-        cands = [list(codec.actions[a]) for a in task.actions_of(states[-1])]
+        back, cands = codec.choices(states[-1], len(states) - 1)
+        prompt = codec.prompt(states, actions)
+        prompt = prompt[:len(prompt) - back]
+        cands = [list(c) for c in cands]
         for group in ([[c] for c in cands] if per_action else [cands]):
             width = max(len(c) for c in group)
             ids = torch.tensor([prompt + c + [0] * (width - len(c)) for c in group], device=device)
@@ -72,7 +74,7 @@ def _naive_tabulate(model, task, codec, goal, contexts, device, per_action: bool
                 sum(float(logp[row, len(prompt) - 1 + j, tok]) for j, tok in enumerate(c))
 
 
-def _naive_rollouts(model, task, codec, goal, n, seed, device) -> None:
+def _naive_rollouts(model, task, codec, n, seed, device) -> None:
     """The baseline: one episode at a time, each action by `model.generate` restricted to the
     legal action strings through the token trie, the whole transcript re-read at every step."""
     import numpy as np
@@ -81,14 +83,16 @@ def _naive_rollouts(model, task, codec, goal, n, seed, device) -> None:
     from .tasks.episodes import step_environment
 
     rng = np.random.default_rng(seed)
-    eoa = codec.actions[0][-1]
+    eoa = codec.action_tokens[0][-1]
     torch.manual_seed(seed)
     for _ in range(n):
         s = int(rng.choice(task.n_states, p=task.start_prob))
         states, actions = [s], []
         for t in range(task.steps):
-            prompt = codec.prompt(goal, states, actions)
-            legal = {codec.actions[a]: a for a in task.actions_of(s)}
+            back, cands = codec.choices(s, t)
+            prompt = codec.prompt(states, actions)
+            prompt = prompt[:len(prompt) - back]
+            legal = dict(zip(cands, task.actions_of(s)))
             width = max(len(c) for c in legal)
 
             def allowed(_, ids, n_prompt=len(prompt), legal=legal):
@@ -144,7 +148,7 @@ def bench_lm(tab_task: str = "random-tree:T=5,A=3,stochastic=1", roll_task: str 
     naive = {}
     for per_action in (True, False):
         t0 = time.perf_counter()
-        _naive_tabulate(lm.model, task, codec, "success", sample, device, per_action)
+        _naive_tabulate(lm.model, task, codec, sample, device, per_action)
         naive[per_action] = len(sample) / (time.perf_counter() - t0)
     out["tabulate"] = {"task": tab_task, "histories": table.histories, "histories_per_s": fast,
                        "naive_histories_per_s": naive[True], "speedup": fast / naive[True],
@@ -159,7 +163,7 @@ def bench_lm(tab_task: str = "random-tree:T=5,A=3,stochastic=1", roll_task: str 
     rollout.sample_episodes(lm, task, episodes, progress=False)
     fast = episodes / (time.perf_counter() - t0)
     t0 = time.perf_counter()
-    _naive_rollouts(lm.model, task, codec, "success", naive_episodes, 0, device)
+    _naive_rollouts(lm.model, task, codec, naive_episodes, 0, device)
     naive = naive_episodes / (time.perf_counter() - t0)
     out["rollout"] = {"task": roll_task, "episodes": episodes, "episodes_per_s": fast,
                       "naive_episodes_per_s": naive, "speedup": fast / naive}
@@ -202,6 +206,49 @@ def _some_histories(task, n, seed=0):
                     if not task.terminal[nxt] and len(states) < task.steps]
     pick = np.random.default_rng(seed).choice(len(found), size=min(n, len(found)), replace=False)
     return [found[i] for i in pick]
+
+
+def bench_base(task: str = "mountain_race", steps: int | None = None, **settings) -> dict:
+    """Seconds of `lmcoh pretrain --base` on both stand-ins for hub models, and the conditioned models' quality.
+
+    Each stand-in of lmcoh.lm.standins (GPT-2 with byte-level BPE, Llama with SentencePiece-style
+    BPE; about 1M parameters) is built and briefly pretrained on English (``steps``: default the
+    builder's), then conditioned on ``task`` with the defaults for a pretrained base (``settings``:
+    more `PretrainConfig` fields). Target: each `pretrain --base` at most 4 minutes, and the model
+    within TV 0.05 of G(p) prompted with the goal and of p without.
+    """
+    import tempfile
+
+    from .lm.model import load_model, model_layout
+    from .lm.pretrain import pretrain
+    from .lm.standins import FAMILIES, build, english_text
+    from .lm.tabulate import tabulate
+    from .oracle import exact
+    from .tasks.library import load_task
+
+    target = load_task(task)
+    p = exact.prior_policy(target)
+    rows, text = [], english_text()
+    print(f"pretrain --base on the stand-ins, task {task}, defaults for a pretrained base {settings or ''}")
+    print(f"{'stand-in':<8} {'build s':>8} {'pretrain s':>11} {'TV success':>11} {'TV none':>8}")
+    with tempfile.TemporaryDirectory(prefix="lmcoh-bench-") as tmp:
+        for family in FAMILIES:
+            t0 = time.perf_counter()
+            base = build(family, f"{tmp}/{family}", text=text, **({} if steps is None else {"steps": steps}))
+            t1 = time.perf_counter()
+            out = pretrain(target, f"{tmp}/{family}-prior", base=str(base), **settings)
+            t2 = time.perf_counter()
+            loaded = load_model(str(out), device="cpu")
+            layout = model_layout(loaded.meta)
+            tv = [exact.tv_distance(target, tabulate(loaded, target, goal, layout=layout).policy, want)
+                  for goal, want in (("success", exact.goal_condition(target, p)), ("none", p))]
+            rows.append({"family": family, "build_seconds": t1 - t0, "pretrain_seconds": t2 - t1,
+                         "tv_success_to_g": tv[0], "tv_none_to_p": tv[1]})
+            print(f"{family:<8} {t1 - t0:>8.1f} {t2 - t1:>11.1f} {tv[0]:>11.4f} {tv[1]:>8.4f}")
+    ok = all(r["pretrain_seconds"] <= 240 and r["tv_success_to_g"] <= 0.05 and r["tv_none_to_p"] <= 0.05
+             for r in rows)
+    print(f"target: pretrain --base at most 4 minutes, TV at most 0.05: {'met' if ok else 'NOT met'}")
+    return {"task": task, "rows": rows, "target_met": ok}
 
 
 def bench_selftrain(config: str = "mountain_race", rounds: int = 2, extra: tuple[str, ...] = (),
@@ -250,7 +297,7 @@ def bench_selftrain(config: str = "mountain_race", rounds: int = 2, extra: tuple
     return out
 
 
-SECTIONS = {"exact": bench_exact, "lm": bench_lm, "selftrain": bench_selftrain}
+SECTIONS = {"exact": bench_exact, "lm": bench_lm, "base": bench_base, "selftrain": bench_selftrain}
 
 
 def main(argv: list[str] | None = None) -> int:

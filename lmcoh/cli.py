@@ -55,7 +55,8 @@ def _cmd_show(args: argparse.Namespace) -> None:
           f"{', states recur across steps' if task.recurring else ''}")
     start = ", ".join(f"{task.state_names[s]} {task.start_prob[s]:g}" for s in _start_states(task)[:8])
     print(f"  start: {start}; running out of decisions succeeds with q = {math.exp(task.timeout_logq):g}")
-    print("\nAs the model reads it (state chunk, then each action chunk with prior, q and next states):")
+    writer = text.Writer(task)
+    print("\nAs the model reads it, compact format (state chunk, then each action chunk with prior, q and next states):")
     shown = 0
     for s in range(task.n_states):
         if shown == args.limit:
@@ -65,15 +66,15 @@ def _cmd_show(args: argparse.Namespace) -> None:
         if task.terminal[s]:
             print(f"  [{task.state_names[s]}] {task.state_texts[s]}  (terminal, q = {math.exp(task.terminal_logq[s]):g})")
             continue
-        print(f" {text.state_chunk(task, s, 0)}")
+        print(f"  {writer.state('none', s, 0)}")
         for a in task.actions_of(s):
             nxt = ", ".join(f"{task.state_names[n]} {p:.3g}" if p < 1 else task.state_names[n]
                             for n, p in task.successors(a))
-            print(f"    {text.action_chunk(task.action_names[a]):<28} prior {task.prior[a]:.3g}"
+            print(f"    {writer.action(a):<28} prior {task.prior[a]:.3g}"
                   f"  q {math.exp(task.action_logq[a]):.3g}  -> {nxt}")
     states, actions = _first_path(task)
     print("\nAn episode (first action everywhere), as a success-conditioned transcript:")
-    print(" ", text.episode_text(task, "success", states, actions).strip())
+    print(" ", writer.episode("success", states, actions).strip())
 
 
 def _show_plot(args: argparse.Namespace) -> None:
@@ -159,50 +160,62 @@ def _cmd_study(args: argparse.Namespace) -> None:
 # pretrain, evaluate, sample, study: each is a `_cmd_NAME(args)` here plus a parser block in
 # `build_parser` below; import torch / transformers / lmcoh's model modules inside the handler.
 
+def _check_goal_text(args: argparse.Namespace) -> None:
+    if args.goal_text is not None and getattr(args, "goal", "success") != "success":
+        raise LmcohError(f"--goal-text states the success goal; it cannot go with --goal {args.goal}")
+
+
 def _load_for_task(args: argparse.Namespace):
-    """The task, then the model (and adapter) checked against it: cheap errors first."""
-    from .lm.model import check_task_fits, load_model
+    """The task, then the model (and adapter) and its layout checked against it: cheap errors first."""
+    from .lm.model import check_task_fits, load_model, model_layout
     from .tasks.library import load_task
 
+    _check_goal_text(args)
     task = load_task(args.task)
     loaded = load_model(args.model, adapter=args.adapter)
-    check_task_fits(loaded, task)
-    return task, loaded, args.prompt or loaded.meta.get("prompt_mode", "history")
+    layout = model_layout(loaded.meta, args.format, args.prompt, args.goal_text)
+    check_task_fits(loaded, task, layout)
+    return task, loaded, layout
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> None:
     from .lm.pretrain import pretrain
     from .tasks.library import load_task
 
+    _check_goal_text(args)
     task = load_task(args.task)
-    out = pretrain(task, args.out, episodes=args.episodes, epochs=args.epochs, seed=args.seed, base=args.base,
-                   model_size=args.model_size, learning_rate=args.learning_rate, batch_size=args.batch_size,
-                   none_share=args.none_share, progress=not args.quiet)
-    print(f"{out}: prior for {task.name} ({args.episodes} episodes, {args.epochs:g} epochs, seed {args.seed})",
-          file=sys.stderr)
+    settings = {k: getattr(args, k) for k in ("episodes", "epochs", "seed", "model_size", "learning_rate",
+                                              "batch_size", "none_share", "lora_r") if getattr(args, k) is not None}
+    out = pretrain(task, args.out, base=args.base, format=args.format, goal_text=args.goal_text,
+                   progress=not args.quiet, **settings)
+    what = f"LoRA-conditioned {args.base}" if args.base else "built-in model"
+    print(f"{out}: prior for {task.name} ({what}, seed {args.seed})", file=sys.stderr)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from .lm import metrics
 
-    task, loaded, mode = _load_for_task(args)
-    result = metrics.evaluate(loaded, task, goal=args.goal, temperature=args.temperature, mode=mode,
-                              delta=args.delta, max_histories=args.max_histories, seed=args.seed,
-                              batch_size=args.batch_size, mc_episodes=args.mc_episodes,
+    task, loaded, layout = _load_for_task(args)
+    reference = args.reference or ("task" if loaded.meta.get("task") else "model")
+    result = metrics.evaluate(loaded, task, goal=args.goal, temperature=args.temperature, layout=layout,
+                              delta=args.delta, max_histories=args.max_histories, reference=reference,
+                              seed=args.seed, batch_size=args.batch_size, mc_episodes=args.mc_episodes,
                               progress=not args.json)
     if args.json:
         print(dumps(result))
         return
     how = (f"exact over {result['histories']} histories" if result["exact"] else
            f"Monte Carlo over {result['episodes']} episodes ({result['histories']} histories)")
-    print(f"{task.name}: goal {args.goal}, temperature {args.temperature:g}, {mode} prompts, {how}")
+    print(f"{task.name}: goal {args.goal}, temperature {args.temperature:g}, {layout.format} format, "
+          f"{layout.mode} prompts, {how}")
     ci = f" +- {result['success_ci']:.4f}" if not result["exact"] else ""
     print(f"  success {result['success']:.6f}{ci}   return {result['return']}   "
           f"incoherence {result['incoherence']} (finite part {result['incoherence_finite_part']:.6g})")
     tokens = result["token_incoherence"]
     print(f"  token incoherence {tokens['total']}, by position: "
           + " ".join(f"{x:.4g}" if isinstance(x, float) else x for x in tokens["by_position"]))
-    print("  TV to G^k(p), k = 0..4: " + " ".join(f"{x:.4f}" for x in result["tv_to_retrain"]))
+    whose = "p, the task's prior" if reference == "task" else "p_M, the model's own policy with no goal"
+    print(f"  TV to G^k({whose}), k = 0..4: " + " ".join(f"{x:.4f}" for x in result["tv_to_retrain"]))
     print("  policy:")
     width = max(len(k) for k in result["policy"])
     for key, row in result["policy"].items():
@@ -211,15 +224,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 def _cmd_sample(args: argparse.Namespace) -> None:
     from .lm.rollout import sample_episodes
-    from .lm.text import episode_record
+    from .lm.text import Writer, episode_record
 
     out = os.path.abspath(args.out)
     if os.path.isdir(out) or not os.path.isdir(os.path.dirname(out)):
         raise LmcohError(f"{args.out}: not a file in an existing directory")
-    task, loaded, mode = _load_for_task(args)
+    task, loaded, layout = _load_for_task(args)
     episodes = sample_episodes(loaded, task, args.n, goal=args.goal, seed=args.seed,
-                               temperature=args.temperature, batch_size=args.batch_size, mode=mode)
-    write_jsonl(out, [episode_record(task, episode) for episode in episodes])
+                               temperature=args.temperature, batch_size=args.batch_size, layout=layout)
+    writer = Writer(task, layout, loaded.tokenizer)
+    write_jsonl(out, [episode_record(writer, episode) for episode in episodes])
     rate = sum(e.success for e in episodes) / max(len(episodes), 1)
     print(f"{args.out}: {len(episodes)} episodes, sampled success rate {rate:.4f}", file=sys.stderr)
 
@@ -285,40 +299,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer and smaller tasks (a few seconds)")
     p.set_defaults(handler=_cmd_study)
 
-    from .lm.pretrain import MODEL_SIZES, PretrainConfig  # numpy only: keeps `lmcoh exact` free of torch
+    from .lm.pretrain import DEFAULTS, MODEL_SIZES, PretrainConfig  # numpy only: keeps `lmcoh exact` free of torch
+    from .lm.text import FORMATS, PROMPT_MODES
+
+    def default(name: str) -> str:
+        return f"default {DEFAULTS['built-in'][name]:g} for the built-in model, {DEFAULTS['base'][name]:g} with --base"
+
     defaults = PretrainConfig()
-    p = sub.add_parser("pretrain", help="train a small LM on the task's own episodes: the prior p")
+    p = sub.add_parser("pretrain", help="train an LM on the task's own episodes: the prior p (built-in model, "
+                                        "or a pretrained one conditioned with LoRA)")
     p.add_argument("task", metavar="TASK", help=task_help)
     p.add_argument("--out", required=True, metavar="DIR", help="the model directory to write")
-    p.add_argument("--episodes", type=_positive_int, default=defaults.episodes,
-                   help=f"episodes sampled under the prior, behind their outcome token (default {defaults.episodes})")
-    p.add_argument("--epochs", type=_positive_float, default=defaults.epochs,
-                   help=f"passes over the data (default {defaults.epochs:g})")
+    p.add_argument("--base", metavar="DIR_OR_HUB_ID",
+                   help="condition this pretrained causal LM (a directory, or a hub id in the local cache): "
+                        "LoRA plus the new marker tokens, merged into OUT")
+    p.add_argument("--format", choices=FORMATS,
+                   help="text format (default: compact, or the base model's own); natural and chat need --base")
+    p.add_argument("--goal-text", metavar="TEXT", help="write this statement instead of the <success> token")
+    p.add_argument("--episodes", type=_positive_int,
+                   help=f"episodes sampled under the prior, behind their outcome token ({default('episodes')})")
+    p.add_argument("--epochs", type=_positive_float, help=f"passes over the data ({default('epochs')})")
     p.add_argument("--seed", type=_nonnegative_int, default=defaults.seed, help="seed (default 0)")
-    p.add_argument("--base", metavar="DIR", help="continue pretraining this model (with its own tokenizer)")
-    p.add_argument("--model-size", default=defaults.model_size, choices=MODEL_SIZES,
-                   help=f"size of a new model (default {defaults.model_size})")
-    p.add_argument("--learning-rate", type=_positive_float, default=defaults.learning_rate,
-                   help=f"peak learning rate (default {defaults.learning_rate:g})")
-    p.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
-                   help=f"sequences per step and device (default {defaults.batch_size})")
-    p.add_argument("--none-share", type=float, default=defaults.none_share,
-                   help="share of transcripts shown with no goal token (default 1/3)")
+    p.add_argument("--model-size", choices=MODEL_SIZES,
+                   help=f"size of the built-in model (default {defaults.model_size})")
+    p.add_argument("--learning-rate", type=_positive_float, help=f"peak learning rate ({default('learning_rate')})")
+    p.add_argument("--batch-size", type=_positive_int,
+                   help=f"sequences per step and device ({default('batch_size')})")
+    p.add_argument("--lora-r", type=_positive_int, help=f"LoRA rank with --base (default {defaults.lora_r})")
+    p.add_argument("--none-share", type=float, help="share of transcripts shown with no goal token (default 1/3)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_pretrain)
 
     for name, help_text in (("evaluate", "tabulate an LM policy exactly and measure it with the oracle"),
                             ("sample", "sample episodes from an LM policy with the environment in the loop")):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("model", metavar="MODEL_DIR", help="an lmcoh or Hugging Face causal-LM directory")
+        p.add_argument("model", metavar="MODEL", help="an lmcoh or Hugging Face causal-LM directory, or a hub id "
+                                                      "in the local cache")
         p.add_argument("--task", required=True, help=task_help)
         p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter directory to load on top of the model")
         p.add_argument("--goal", choices=("success", "failure", "none"), default="success",
                        help="the goal token the prompt starts with (default success)")
         p.add_argument("--temperature", type=_positive_float, default=1.0, help="logit temperature (default 1)")
-        p.add_argument("--prompt", choices=("history", "markov"),
+        p.add_argument("--prompt", choices=PROMPT_MODES,
                        help="history: the whole transcript; markov: only the current state and step "
                             "(default: the model's own, else history)")
+        p.add_argument("--format", choices=FORMATS,
+                       help="compact, natural or chat (the tokenizer's chat template) (default: the model's own, "
+                            "else compact)")
+        p.add_argument("--goal-text", metavar="TEXT",
+                       help="state the success goal in these words instead of the <success> token "
+                            "(default: the model's own, else the token)")
         p.add_argument("--seed", type=_nonnegative_int, default=0, help="seed (default 0)")
         p.add_argument("--batch-size", type=_positive_int, default=256,
                        help="sequences per forward pass (default 256)")
@@ -328,6 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="tabulate exactly up to this many histories, else Monte Carlo (default 200000)")
             p.add_argument("--mc-episodes", type=_positive_int, default=4000,
                            help="episodes for the Monte Carlo estimate (default 4000)")
+            p.add_argument("--reference", choices=("task", "model"),
+                           help="whose prior p the re-training sequence G^k(p) starts from: the task's, or the "
+                                "model's own policy with no goal (default: task for a model lmcoh conditioned, "
+                                "else model)")
             p.add_argument("--json", action="store_true", help="print one JSON object")
             p.set_defaults(handler=_cmd_evaluate)
         else:

@@ -48,7 +48,8 @@ def main(script_args: SelfTrainArguments, training_args, model_args) -> Path:
         if not model_args.model_name_or_path and not (run.path / "prior").is_dir():
             if state.is_main_process:
                 print(f"pretraining the built-in prior for {task.name} into {base}", flush=True)
-            pretrain(task, base, episodes=script_args.pretrain_episodes, epochs=script_args.pretrain_epochs,
+            pretrain(task, base, format=script_args.format or None, goal_text=script_args.goal_text,
+                     episodes=script_args.pretrain_episodes, epochs=script_args.pretrain_epochs,
                      seed=training_args.seed, progress=progress)  # every process trains; the main one saves
             state.wait_for_everyone()
 
@@ -61,34 +62,36 @@ def main(script_args: SelfTrainArguments, training_args, model_args) -> Path:
                     policy = rounds.evaluated_model(base, run, 0, init)
                 else:
                     policy = rounds.round_model(base, run, k, model_args, init)
+                layout = rounds.layout(script_args, policy.meta)
+                if k > 0:
                     # 1. sample from the success-prompted model: each process its share of one seeded draw
                     t0 = time.perf_counter()
                     episodes = sample_episodes(policy, task, script_args.episodes_per_round, goal="success",
-                                               mode=script_args.prompt, seed=rounds.round_seed(training_args.seed, k),
+                                               layout=layout, seed=rounds.round_seed(training_args.seed, k),
                                                rows=rounds.shard(script_args.episodes_per_round, state),
                                                batch_size=script_args.sample_batch_size,
                                                progress=progress and state.is_main_process)
                     if state.num_processes > 1:
                         episodes = gather_object(episodes)
                     # 2. keep the successes, or label every episode with its outcome
-                    prompts, completions = rounds.training_texts(task, episodes, script_args.mode)
-                    if not prompts:
+                    examples = rounds.training_examples(policy.tokenizer, task, layout, episodes, script_args.mode)
+                    if not examples:
                         raise rounds.no_successes(k, len(episodes))
-                    kept = len(prompts)
+                    kept = len(examples)
                     # 3. fine-tune on them
                     t1 = time.perf_counter()
                     with rounds.tensorboard_dir(training_args, run, k):
-                        train_sft(policy.model, policy.tokenizer, prompts, completions,
+                        train_sft(policy.model, policy.tokenizer, examples,
                                   rounds.round_args(training_args, run, k, batch))
                     t_sample, t_train = t1 - t0, time.perf_counter() - t1
                 # 4. evaluate exactly against G^(k+1)(p), then write the round (main process)
                 if state.is_main_process:
                     t2 = time.perf_counter()
-                    evaluation = rounds.evaluate_round(script_args, policy, task, targets[k + 1],
+                    evaluation = rounds.evaluate_round(script_args, policy, task, layout, targets[k + 1],
                                                        rounds.round_seed(training_args.seed, k, 1 << 16))
                     line = rounds.metrics_line(k, evaluation, episodes, kept,
                                                (t_sample, t_train, time.perf_counter() - t2))
-                    rounds.write_round(run, k, task, policy, episodes, line, evaluation["eval"])
+                    rounds.write_round(run, k, task, layout, policy, episodes, line, evaluation["eval"])
                     print(rounds.summary(line, script_args.rounds), flush=True)
             state.wait_for_everyone()
 

@@ -3,6 +3,7 @@
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the threads
@@ -63,6 +64,71 @@ def tiny_gpt2(task, seed=0, vocab_size=300):
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(config).eval()
     return LoadedModel(model, tokenizer)
+
+
+# ---- stand-ins for pretrained hub models (lmcoh.lm.standins) -------------------------------------
+@pytest.fixture(scope="session")
+def english():
+    """The English text the stand-ins' tokenizers and models are trained on."""
+    from lmcoh.lm.standins import english_text
+
+    return english_text()
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer(english):
+    """A GPT-2-style byte-level BPE tokenizer trained on English (no chat template)."""
+    from lmcoh.lm.standins import gpt2_tokenizer
+
+    return gpt2_tokenizer(english)
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer(english):
+    """A Llama-2-style SentencePiece BPE tokenizer trained on English, with a ChatML chat template."""
+    from lmcoh.lm.standins import llama_tokenizer
+
+    return llama_tokenizer(english)
+
+
+def random_standin(family, tokenizer, seed=0):
+    """A small random model of ``family`` (gpt2 or llama) for ``tokenizer``: scoring needs no training."""
+    from lmcoh.lm.model import LoadedModel
+    from lmcoh.lm.standins import new_model
+
+    return LoadedModel(new_model(family, tokenizer, seed, hidden_size=32, num_layers=2).eval(), tokenizer)
+
+
+def whole_logprob(model, ids, temperature=1.0):
+    """log p of ``ids[1:]`` given ``ids[0]``, from one plain forward."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double() / temperature
+    logp = torch.log_softmax(logits, dim=-1)
+    return float(sum(logp[j - 1, ids[j]] for j in range(1, len(ids))))
+
+
+def brute_logprobs(lm, task, layout, goal, states, actions, temperature=1.0):
+    """Renormalised log pi(a | history): for each action, log p(prompt + action) - log p(prompt), each
+    text tokenised whole, as the model reads it."""
+    from lmcoh.lm import scoring
+
+    codec = scoring.Codec(lm.tokenizer, task, layout, goal, check=False)
+    w = codec.writer
+    prompt = whole_logprob(lm.model, codec.encode(w.prompt(goal, states, actions)), temperature)
+    out = np.array([whole_logprob(lm.model, codec.encode(w.answered(goal, states, actions, a)), temperature)
+                    - prompt for a in task.actions_of(states[-1])])
+    return out - np.logaddexp.reduce(out)
+
+
+@pytest.fixture(scope="session")
+def standins(tmp_path_factory):
+    """Both pretrained stand-ins, built once per session: {family: model directory}."""
+    from lmcoh.lm.standins import FAMILIES, build, english_text
+
+    root, text = tmp_path_factory.mktemp("standins"), english_text()
+    return {family: str(build(family, root / family, text=text)) for family in FAMILIES}
 
 
 @pytest.fixture(scope="session")

@@ -32,3 +32,9 @@ def test_main_writes_json(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "SECTIONS", {"exact": tiny})
     assert bench.main(["--exact", "--json", str(tmp_path / "b.json")]) == 0
     assert json.loads((tmp_path / "b.json").read_text())["exact"]["rows"][0]["states"] == 21
+
+
+def test_base_section():
+    out = bench.bench_base(steps=2, episodes=4, epochs=1, batch_size=4)
+    assert [r["family"] for r in out["rows"]] == ["gpt2", "llama"]
+    assert all(r["pretrain_seconds"] > 0 and 0 <= r["tv_success_to_g"] <= 1 for r in out["rows"])

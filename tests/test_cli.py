@@ -34,7 +34,7 @@ def test_show_prints_model_text(capsys):
     out = capsys.readouterr().out
     assert " [start] You stand at the start of the mountain race. >" in out
     assert " up <eoa>" in out and "horizon 2" in out and "deterministic" in out
-    assert "<success> [start]" in out
+    assert "[start] You stand at the start of the mountain race. <success> up <eoa> [ridge]" in out
 
 
 def test_show_limits_big_tasks(capsys):
@@ -103,3 +103,52 @@ def test_oracle_cli_does_not_import_torch():
             "sys.exit('torch' in sys.modules)")
     proc = _run("-c", code)
     assert proc.returncode == 0, proc.stderr
+
+
+# ---- language-model commands on foreign models -------------------------------------------------
+@pytest.fixture(scope="module")
+def foreign(tmp_path_factory, gpt2_tokenizer, llama_tokenizer):
+    """Random stand-ins saved as plain Hugging Face directories (no lmcoh.json): {family: path}."""
+    from conftest import random_standin
+
+    out = {}
+    for family, tok in (("gpt2", gpt2_tokenizer), ("llama", llama_tokenizer)):
+        path = tmp_path_factory.mktemp(family)
+        lm = random_standin(family, tok, seed=3)
+        lm.model.save_pretrained(path)
+        lm.tokenizer.save_pretrained(path)
+        out[family] = str(path)
+    return out
+
+
+def test_evaluate_zero_shot_against_the_models_own_prior(foreign, capsys):
+    assert cli.main(["evaluate", foreign["llama"], "--task", "mountain_race", "--format", "chat",
+                     "--goal-text", "Reach the gold.", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["reference"] == "model" and set(out["reference_policy"]) == set(out["policy"])  # foreign: model
+    assert out["format"] == "chat" and len(out["tv_to_retrain"]) == 5
+    assert cli.main(["evaluate", foreign["gpt2"], "--task", "mountain_race", "--format", "natural",
+                     "--reference", "task"]) == 0
+    text = capsys.readouterr().out
+    assert "natural format" in text and "TV to G^k(p, the task's prior)" in text
+
+
+def test_sample_writes_the_text_in_its_format(foreign, tmp_path, capsys):
+    out = tmp_path / "episodes.jsonl"
+    assert cli.main(["sample", foreign["llama"], "--task", "mountain_race", "--format", "natural", "-n", "3",
+                     "--goal", "none", "--out", str(out)]) == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(lines) == 3 and all(x["text"].startswith("Step 1 (start).") for x in lines)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--format", "chat"], "has none; use --format compact or natural"),
+    (["--goal", "none", "--goal-text", "Win."], "--goal-text states the success goal"),
+    (["--goal-text", "<win>"], "goal text must be one line"),
+])
+def test_bad_layouts_fail_in_one_line(argv, message, foreign, capsys):
+    assert cli.main(["evaluate", foreign["gpt2"], "--task", "mountain_race", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lmcoh: error: ") and message in err and "\n" not in err
+    with pytest.raises(SystemExit):
+        cli.main(["evaluate", foreign["gpt2"], "--task", "mountain_race", "--format", "prose"])

@@ -317,3 +317,13 @@ def test_return_monotone_and_converges_to_optimum(seed):
     assert all(b >= a - 1e-12 for a, b in zip(rets, rets[1:]))
     assert all(b >= a - 1e-12 for a, b in zip(succ, succ[1:]))
     assert succ[-1] == pytest.approx(E.optimal_success(task), abs=1e-2)
+
+
+def test_sequences_start_from_any_prior(mountain):
+    """G^k of a given policy (e.g. a language model's own), not only of the task's prior."""
+    p = [np.array([0.8, 0.2]), np.array([0.3, 0.7, 0.5, 0.5])]
+    retrain = E.sequence(mountain, "retrain", 2, prior=p)
+    assert retrain[0] is p and np.allclose(retrain[1][0], E.goal_condition(mountain, p)[0])
+    # pi_1(up | start) = 0.8 * S(up) / (0.8 * S(up) + 0.2 * S(down)), S(up) = 0.3 (ridge: up w.p. 0.3)
+    assert retrain[1][0][0] == pytest.approx(0.8 * 0.3 / (0.8 * 0.3 + 0.2 * 0.75))
+    assert E.sequence(mountain, "retrain", 1)[1][0][0] == pytest.approx(2 / 5)

@@ -69,5 +69,5 @@ def test_comments_cite_the_theory_page_not_issues():
     assert not offenders
     theory = (ROOT / "docs" / "theory.md").read_text()
     for p in [*PACKAGE.rglob("*.py"), *(ROOT / "recipes").glob("*.py")]:
-        for heading in re.findall(r'docs/theory\.md, "([^"]+)"', p.read_text()):
+        for heading in re.findall(r'docs/theory\.md,\s*"([^"]+)"', p.read_text()):
             assert f"## {heading}" in theory, f"{p.relative_to(ROOT)} cites a missing heading {heading!r}"

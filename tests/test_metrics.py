@@ -46,7 +46,7 @@ def random_policy(task, rng):
 @pytest.mark.parametrize("fixture", ["trie_task", "expedition", "ring"])
 def test_token_incoherence_adds_up_to_state_incoherence(fixture, request):
     task = request.getfixturevalue(fixture)
-    tokens = scoring.Codec(tiny_gpt2(task).tokenizer, task).actions
+    tokens = scoring.Codec(tiny_gpt2(task).tokenizer, task).action_tokens
     rng = np.random.default_rng(1)
     for _ in range(5):
         pi = random_policy(task, rng)
@@ -60,7 +60,7 @@ def test_token_incoherence_adds_up_to_state_incoherence(fixture, request):
 
 
 def test_token_incoherence_is_inf_where_state_incoherence_is(mountain):
-    tokens = scoring.Codec(tiny_llama(mountain).tokenizer, mountain).actions
+    tokens = scoring.Codec(tiny_llama(mountain).tokenizer, mountain).action_tokens
     prior = exact.prior_policy(mountain)
     tok = metrics.token_incoherence(mountain, prior, tokens)
     assert math.isinf(tok["total"]) and math.isinf(exact.incoherence(mountain, prior))
@@ -72,7 +72,7 @@ def test_token_incoherence_is_inf_where_state_incoherence_is(mountain):
 
 
 def test_report_for_an_exact_policy(mountain):
-    tokens = scoring.Codec(tiny_llama(mountain).tokenizer, mountain).actions
+    tokens = scoring.Codec(tiny_llama(mountain).tokenizer, mountain).action_tokens
     g1 = exact.goal_condition(mountain, exact.prior_policy(mountain))
     lm = LMPolicy(g1, exact.occupancy(mountain, g1), 3, True, exact.success(mountain, g1), 0.0, tokens)
     out = metrics.report(mountain, lm, "success")
@@ -123,3 +123,33 @@ def test_pretrained_prior_gives_p_and_goal_conditioned_gives_g(pretrained):
     assert none["tv_to_retrain"][0] <= 0.05
     if task.name == "mountain_race":
         assert success["policy"]["start"]["up"] == pytest.approx(2 / 5, abs=0.03)
+
+
+def test_reference_model_measures_against_the_models_own_prior(trie_task, llama_tokenizer):
+    """Zero-shot: G^k of the model's own unconditioned policy p_M, in the chat format."""
+    from conftest import random_standin
+    from lmcoh.lm.tabulate import tabulate
+    from lmcoh.lm.text import Layout
+
+    lm = random_standin("llama", llama_tokenizer, seed=5)
+    layout = Layout("chat", goal_text="Reach the top.")
+    out = metrics.evaluate(lm, trie_task, "success", layout=layout, reference="model")
+    p_m = tabulate(lm, trie_task, "none", layout=layout).policy
+    assert out["reference"] == "model" and out["reference_policy"] == exact.policy_table(trie_task, p_m)
+    pi = tabulate(lm, trie_task, "success", layout=layout).policy
+    targets = exact.sequence(trie_task, "retrain", metrics.RETRAIN_STEPS, prior=p_m)
+    assert out["tv_to_retrain"] == pytest.approx([exact.tv_distance(trie_task, pi, g) for g in targets])
+    assert out["format"] == "chat" and out["goal_text"] == "Reach the top."
+    task_ref = metrics.evaluate(lm, trie_task, "success", layout=layout)
+    assert task_ref["reference"] == "task" and "reference_policy" not in task_ref
+    assert task_ref["tv_to_retrain"][0] == pytest.approx(exact.tv_distance(trie_task, pi, exact.prior_policy(trie_task)))
+    # the tokens of an action are the ones the model reads after its state's chunk (here after the
+    # chat template's "assistant" marker): the per-position terms still add up to the state KL
+    tokens = scoring.Codec(lm.tokenizer, trie_task, layout).action_tokens
+    rng = np.random.default_rng(1)
+    for s in (0, 1):
+        acts = list(trie_task.actions_of(s))
+        p, q = rng.dirichlet(np.ones(len(acts))), rng.dirichlet(np.ones(len(acts)))
+        assert sum(metrics.token_terms([tokens[a] for a in acts], p, q)) == pytest.approx(kl(p, q), abs=1e-12)
+    with pytest.raises(ValueError, match="unknown reference"):
+        metrics.evaluate(lm, trie_task, reference="prior")

@@ -11,7 +11,7 @@ from lmcoh.lm.model import (META_FILE, LoadedModel, ModelError, add_lora, build_
                             check_task_fits,
                          load_model, new_llama, save_model)
 from lmcoh.lm.scoring import action_logprobs
-from lmcoh.lm.text import action_chunk, episode_text, prompt
+from lmcoh.lm.text import Writer
 
 
 def one_line_error(call, match):
@@ -29,14 +29,15 @@ def logits(model, tokenizer, text):
 
 def test_word_tokenizer_writes_every_chunk(mountain):
     tok = build_tokenizer(mountain)
-    text = episode_text(mountain, "success", [0, 1], [0, 2])
-    ids = tok(text)["input_ids"]
+    w = Writer(mountain)
+    ids = tok(w.episode("success", [0, 1], [0, 2]))["input_ids"]
     assert ids[0] == tok.bos_token_id and tok.unk_token_id not in ids
-    assert tok.convert_ids_to_tokens(ids[:4]) == ["<bos>", "<success>", "[start]", "You"]
+    assert tok.convert_ids_to_tokens(ids[:3]) == ["<bos>", "[start]", "You"]
     # A prompt and its continuation tokenise apart exactly as together (chunks start with a space).
-    head = prompt(mountain, "success", [0], [])
-    assert tok(head)["input_ids"] + tok(action_chunk("up"), add_special_tokens=False)["input_ids"] \
-        == tok(head + action_chunk("up"))["input_ids"]
+    head = w.prompt("success", [0], [])
+    assert tok.convert_ids_to_tokens(tok(head)["input_ids"][-2:]) == ["race.", "<success>"]
+    assert tok(head)["input_ids"] + tok(w.action(0), add_special_tokens=False)["input_ids"] \
+        == tok(head + w.action(0))["input_ids"]
     assert tok.pad_token and tok.eos_token and tok.unk_token
 
 
@@ -56,8 +57,8 @@ def test_save_load_round_trip(mountain, tmp_path):
     assert json.loads((out / META_FILE).read_text())["kind"] == "test"
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary directory left behind
     loaded = load_model(str(out), device="cpu")
-    assert loaded.meta["kind"] == "test" and loaded.meta["text_format"] == 1
-    text = prompt(mountain, "success", [0], [])
+    assert loaded.meta["kind"] == "test" and loaded.meta["text_format"] == 2
+    text = Writer(mountain).prompt("success", [0], [])
     assert torch.allclose(logits(model, tok, text), logits(loaded.model, loaded.tokenizer, text))
     save_model(model, tok, out, {"kind": "again"})  # replacing a model directory is fine
     assert load_model(str(out)).meta["kind"] == "again"
@@ -129,7 +130,7 @@ def test_adapters_load_on_their_base_only(mountain, tmp_path):
 
     loaded = load_model(str(tmp_path / "base"), adapter=str(tmp_path / "adapter"))
     assert loaded.meta["kind"] == "prior" and loaded.meta["adapter"]["kind"] == "round"
-    text = prompt(mountain, "success", [0], [])
+    text = Writer(mountain).prompt("success", [0], [])
     assert torch.allclose(logits(lora, tok, text), logits(loaded.model, tok, text), atol=1e-5)
     one_line_error(lambda: load_model(str(tmp_path / "other"), adapter=str(tmp_path / "adapter")),
                    "another base model")
@@ -152,11 +153,38 @@ def test_foreign_gpt2_with_bpe_tokenizer(mountain, tmp_path):
     loaded = load_model(str(tmp_path / "gpt2"), device="cpu")
     assert loaded.meta == {} and loaded.tokenizer.pad_token == loaded.tokenizer.eos_token
     check_task_fits(loaded, mountain)
-    chunk = loaded.tokenizer(action_chunk("down"), add_special_tokens=False)["input_ids"]
+    chunk = loaded.tokenizer(Writer(mountain).action(1), add_special_tokens=False)["input_ids"]
     assert len(chunk) >= 2  # actions are several BPE tokens
     states = [int(s) for layer in mountain.layers for s in layer.states]
-    prompts = [prompt(mountain, "success", [0], [])] + [prompt(mountain, "success", [0, s], [0])
-                                                       for s in states[1:]]
-    for s, logp in zip(states, action_logprobs(loaded, mountain, prompts, states)):
+    histories = [([0], [])] + [([0, s], [0]) for s in states[1:]]
+    for s, logp in zip(states, action_logprobs(loaded, mountain, histories)):
         assert len(logp) == len(mountain.actions_of(s))
         assert np.exp(logp).sum() == pytest.approx(1.0)
+
+
+@pytest.mark.slow  # a fresh interpreter: the hub cache location is read when huggingface_hub is imported
+def test_hub_id_from_the_local_cache_offline(tmp_path, llama_tokenizer):
+    """A hub id resolves through a local cache laid out like the hub's (HF_HUB_OFFLINE=1): the path a
+    GPU user's `--base HuggingFaceTB/SmolLM2-135M-Instruct` takes, without a network."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, random_standin, recipe_env
+
+    repo = tmp_path / "hub" / "models--lmcoh-test--tiny-chat"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    lm = random_standin("llama", llama_tokenizer)
+    lm.model.save_pretrained(snapshot)
+    lm.tokenizer.save_pretrained(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    env = {**recipe_env(), "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    code = ("import sys; from lmcoh.cli import main; task = ['--task', 'mountain_race']\n"
+            "found = main(['evaluate', 'lmcoh-test/tiny-chat', *task, '--format', 'chat', '--json'])\n"
+            "missing = main(['evaluate', 'lmcoh-test/elsewhere', *task])\n"
+            "sys.exit(10 * found + missing)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert run.returncode == 2, run.stderr  # found: 0, missing: 2
+    assert json.loads(run.stdout)["reference"] == "model"
+    assert "lmcoh-test/elsewhere: not a local model directory, and not in the local Hugging Face cache (offline)" \
+        in run.stderr

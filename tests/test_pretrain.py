@@ -7,24 +7,16 @@ import torch
 from conftest import tiny_gpt2
 from lmcoh.oracle import exact
 from lmcoh.cli import main
-from lmcoh.tasks.episodes import sample_prior_episodes
 from lmcoh.tasks.generators import generate
-from lmcoh.lm.model import load_model
+from lmcoh.lm.model import load_model, model_layout
 from lmcoh.lm.tabulate import tabulate
-from lmcoh.lm.pretrain import PretrainConfig, pretrain, training_texts
+from lmcoh.lm.pretrain import DEFAULTS, pretrain
 from lmcoh.tasks.task import Task
 
 
-def test_training_texts_put_the_outcome_in_the_prompt(mountain):
-    labelled = sample_prior_episodes(mountain, 6, np.random.default_rng(0))
-    bare = sample_prior_episodes(mountain, 3, np.random.default_rng(1))
-    prompts, completions = training_texts(mountain, labelled, bare)
-    assert prompts == ["<success>" if e.success else "<failure>" for e in labelled] + [""] * 3
-    assert all(c.startswith(" [start] ") and c.endswith(" <eoa>") for c in completions)
-
-
 @pytest.mark.parametrize("bad", [{"episodes": 0}, {"none_share": 1.0}, {"model_size": "huge"},
-                                 {"learning_rate": 0.0}, {"average_last": 1.0}])
+                                 {"learning_rate": 0.0}, {"average_last": 1.0}, {"lora_r": 0},
+                                 {"format": "natural"}, {"goal_text": "Win."}])
 def test_bad_settings_fail_before_training(bad, mountain, tmp_path):
     with pytest.raises(ValueError):
         pretrain(mountain, tmp_path / "m", **bad)
@@ -34,9 +26,10 @@ def test_bad_settings_fail_before_training(bad, mountain, tmp_path):
 def quality(task, out):
     """TV of the pretrained model to G(p) under <success> and to p with no goal token."""
     loaded = load_model(str(out), device="cpu")
+    layout = model_layout(loaded.meta)
     p = exact.prior_policy(task)
-    success = tabulate(loaded, task, "success").policy
-    none = tabulate(loaded, task, "none").policy
+    success = tabulate(loaded, task, "success", layout=layout).policy
+    none = tabulate(loaded, task, "none", layout=layout).policy
     return success, exact.tv_distance(task, success, exact.goal_condition(task, p)), \
         exact.tv_distance(task, none, p)
 
@@ -48,7 +41,8 @@ def test_mountain_race_prior(mountain, tmp_path):
     assert success[0][0] == pytest.approx(2 / 5, abs=0.03)  # pi(up | start, <success>)
     assert tv_success <= 0.05 and tv_none <= 0.05
     meta = json.loads((out / "lmcoh.json").read_text())
-    assert meta["pretrain"]["episodes"] == PretrainConfig.episodes and meta["prompt_mode"] == "history"
+    assert meta["pretrain"]["episodes"] == DEFAULTS["built-in"]["episodes"] and meta["prompt_mode"] == "history"
+    assert meta["format"] == "compact" and meta["goal_text"] is None
     rebuilt = Task.from_spec(meta["task"]["spec"])
     assert rebuilt.state_names == mountain.state_names and np.allclose(rebuilt.prior, mountain.prior)
 
@@ -71,17 +65,22 @@ def test_pretraining_is_seeded(mountain, tmp_path):
 
 
 @pytest.mark.slow
-def test_continue_pretraining_a_foreign_model(mountain, tmp_path):
+def test_conditioning_a_foreign_model_trains_lora_and_the_new_rows_only(mountain, tmp_path):
     built = tiny_gpt2(mountain)
     built.model.save_pretrained(tmp_path / "gpt2")
     built.tokenizer.save_pretrained(tmp_path / "gpt2")
     out = pretrain(mountain, tmp_path / "prior", base=str(tmp_path / "gpt2"), episodes=64, epochs=2,
                    batch_size=16)
     loaded = load_model(str(out))
-    assert loaded.model.config.model_type == "gpt2" and len(loaded.tokenizer) == len(built.tokenizer)
-    assert loaded.meta["pretrain"]["base"] == str(tmp_path / "gpt2")
-    before = built.model.transformer.wte.weight
-    assert not torch.equal(before, loaded.model.transformer.wte.weight)
+    assert not (out / "adapter_config.json").exists()  # merged: a plain model directory
+    assert loaded.model.config.model_type == "gpt2" and len(loaded.tokenizer) == len(built.tokenizer) + 3
+    assert loaded.meta["pretrain"]["base"] == str(tmp_path / "gpt2") and loaded.meta["format"] == "compact"
+    assert loaded.meta["pretrain"]["added_tokens"] == ["<success>", "<failure>", "<eoa>"]
+    before, after = built.model.transformer.wte.weight, loaded.model.transformer.wte.weight
+    assert torch.equal(before, after[:len(before)])  # the model's own vocabulary is not retrained
+    assert not torch.equal(before[0], after[-1])
+    block = "transformer.h.0.attn.c_attn.weight"
+    assert not torch.equal(built.model.state_dict()[block], loaded.model.state_dict()[block])  # LoRA, merged
 
 
 @pytest.mark.slow
@@ -94,7 +93,8 @@ def test_cli_pretrain(tmp_path, capsys):
 
 def test_cli_pretrain_bad_input(tmp_path, capsys):
     for args in (["random-tree:T=0"], ["mountain_race", "--base", str(tmp_path / "missing")],
-                 ["mountain_race", "--none-share", "1"]):
+                 ["mountain_race", "--none-share", "1"], ["mountain_race", "--format", "chat"],
+                 ["mountain_race", "--goal-text", "Win the race."]):
         assert main(["pretrain", *args, "--out", str(tmp_path / "prior"), "--quiet"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("lmcoh: error: ") and "\n" not in err
@@ -111,3 +111,50 @@ def test_cli_pretrain_base_that_cannot_write_the_task(tmp_path, capsys):
     assert main(["pretrain", "random-tree:T=2,A=2", "--base", str(prior), "--out", str(tmp_path / "x"),
                  "--quiet"]) == 2
     assert "cannot write" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+# ---- conditioning pretrained models: the stand-ins of lmcoh.lm.standins (slow) ------------------
+@pytest.fixture(scope="module")
+def conditioned(standins, tmp_path_factory, trie_task):
+    """``conditioned(family, task_name)``: `pretrain --base` on a stand-in with the defaults, once per pair."""
+    from lmcoh.tasks.library import load_task
+
+    made = {}
+
+    def make(family, name):
+        if (family, name) not in made:
+            task = trie_task if name == "trie" else load_task(name)
+            out = pretrain(task, tmp_path_factory.mktemp(f"{family}-{name}") / "model", base=standins[family])
+            made[family, name] = (task, out)
+        return made[family, name]
+
+    return make
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("name", ["mountain_race", "trie"])
+def test_a_conditioned_pretrained_model_gives_g_and_p(family, name, conditioned):
+    """Byte-level BPE and SentencePiece models, on the mountain race and on multi-word actions with
+    stochastic moves: prompted with <success> within TV 0.05 of G(p), with no goal within 0.05 of p."""
+    task, out = conditioned(family, name)
+    _, tv_success, tv_none = quality(task, out)
+    meta = json.loads((out / "lmcoh.json").read_text())
+    print(f"{family} {name}: TV to G(p) {tv_success:.4f}, to p {tv_none:.4f}, {meta['pretrain']['seconds']} s")
+    assert tv_success <= 0.05 and tv_none <= 0.05
+    assert meta["pretrain"]["added_tokens"] == ["<success>", "<failure>", "<eoa>"]
+
+
+@pytest.mark.slow
+def test_self_training_a_conditioned_model_follows_retraining(conditioned, tmp_path):
+    from conftest import ROOT, recipe, recipe_args
+
+    _, out = conditioned("gpt2", "mountain_race")
+    run = recipe("self_train").main(*recipe_args(
+        "--config", ROOT / "recipes" / "configs" / "mountain_race.yaml", "--model_name_or_path", out,
+        "--rounds", 3, "--output_dir", tmp_path / "run", "--disable_tqdm", "true"))
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["target_success"] for r in rows] == pytest.approx([17 / 20, 0.8676, 0.8856, 0.9031], abs=1e-4)
+    for r in rows:
+        print(f"round {r['round']}: success {r['success']:.4f}, target {r['target_success']:.4f}")
+        assert abs(r["success"] - r["target_success"]) <= 0.03, r

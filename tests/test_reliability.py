@@ -3,7 +3,6 @@ any moment, hostile configs. Every failure is one line and a nonzero exit."""
 
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys

@@ -66,9 +66,10 @@ def test_frequencies_match_tabulation_history_dependent(ring):
 
 def test_markov_prompts(ring):
     lm = tiny_llama(ring, seed=13)
-    episodes = rollout.sample_episodes(lm, ring, 1000, goal="none", seed=5, mode="markov",
+    markov = text.Layout(mode="markov")
+    episodes = rollout.sample_episodes(lm, ring, 1000, goal="none", seed=5, layout=markov,
                                        temperature=0.3, progress=False)
-    assert_matches_table(ring, episodes, tabulate.tabulate(lm, ring, goal="none", mode="markov",
+    assert_matches_table(ring, episodes, tabulate.tabulate(lm, ring, goal="none", layout=markov,
                                                           temperature=0.3))
 
 
@@ -80,11 +81,10 @@ def test_episode_records(expedition):
         assert ep.goal == "success" and len(ep.states) == len(ep.actions) + 1
         assert ep.success_prob == pytest.approx(math.exp(episode_logq(expedition, ep.states, ep.actions)))
         for t, (s, a) in enumerate(zip(ep.states, ep.actions)):
-            prompt = text.prompt(expedition, "success", ep.states[:t + 1], ep.actions[:t])
-            logp = scoring.action_logprobs(lm, expedition, [prompt], [s])[0]
+            logp = scoring.action_logprobs(lm, expedition, [(ep.states[:t + 1], ep.actions[:t])])[0]
             assert ep.logprobs[t] == pytest.approx(logp[a - expedition.action_ptr[s]], abs=1e-5)
-        line = text.episode_record(expedition, ep)
-        assert line["text"].startswith("<success> [base_camp]")
+        line = text.episode_record(text.Writer(expedition), ep)
+        assert line["text"].startswith("[base_camp]") and " <success> " in line["text"]
 
 
 def test_seeded_and_independent_of_batch_size(ring):

@@ -15,7 +15,7 @@ from lmcoh.errors import RunError
 from lmcoh.oracle import exact
 from lmcoh.report import selftrain as report
 from lmcoh.runs.directory import RunDirectory, resolved_config
-from lmcoh.runs.selftrain import round_args, round_seed, shard_sizes, training_texts
+from lmcoh.runs.selftrain import round_args, round_seed, shard_sizes, training_examples
 from lmcoh.tasks.library import load_task
 
 
@@ -129,8 +129,10 @@ def test_shard_sizes_cover_every_episode():
     assert shard_sizes(10, 3) == [4, 3, 3] and sum(shard_sizes(2001, 4)) == 2001
 
 
-# ---- training texts ----------------------------------------------------------------------------
-def test_training_texts_filter_and_label():
+# ---- training examples --------------------------------------------------------------------------
+def test_training_examples_filter_and_label():
+    from conftest import tiny_llama
+    from lmcoh.lm.text import Layout, Writer
     from lmcoh.tasks.episodes import Episode
 
     task = load_task("mountain_race")
@@ -140,15 +142,15 @@ def test_training_texts_filter_and_label():
     ridge_down = [a for a in task.actions_of(s["ridge"]) if task.action_names[a] == "down"][0]
     win = Episode([s["start"], s["ridge"], s["gold"]], [up, ridge_up], None, 1.0, True)
     lose = Episode([s["start"], s["ridge"], s["chasm"]], [up, ridge_down], None, 0.0, False)
-    prompts, completions = training_texts(task, [win, lose], "filter")
-    assert prompts == ["<success>"] and len(completions) == 1
-    assert completions[0].startswith(" [start]") and completions[0].endswith("up <eoa>")
-    prompts, completions = training_texts(task, [win, lose], "label")
-    assert prompts == ["<success>", "<failure>"]
-    assert completions[1].endswith(" down <eoa>")
-    # prompt + completion is exactly the episode's text under its outcome token
-    from lmcoh.lm.text import episode_text
-    assert prompts[1] + completions[1] == episode_text(task, "failure", lose.states, lose.actions)
+    tok = tiny_llama(task).tokenizer
+    (ids, mask), = training_examples(tok, task, Layout(), [win, lose], "filter")
+    assert tok.decode(ids, skip_special_tokens=True) == Writer(task).episode("success", win.states, win.actions)
+    assert tok.convert_ids_to_tokens([i for i, m in zip(ids, mask) if m]) == ["up", "<eoa>", "up", "<eoa>"]
+    examples = training_examples(tok, task, Layout(), [win, lose], "label")
+    assert len(examples) == 2
+    ids, mask = examples[1]
+    assert tok.decode(ids, skip_special_tokens=True) == Writer(task).episode("failure", lose.states, lose.actions)
+    assert tok.convert_ids_to_tokens([i for i, m in zip(ids, mask) if m]) == ["up", "<eoa>", "down", "<eoa>"]
 
 
 # ---- output directory ----------------------------------------------------------------------------
@@ -348,3 +350,18 @@ def test_lottery_follows_retraining_not_temperature(tmp_path):
     assert retrain[1:] == pytest.approx([1 / 6, 1 / 26]) and hot == pytest.approx(2 / 7)
     assert gamble[0] == pytest.approx(1 / 6, abs=0.05)    # the pretrained prior is within 0.05 of G(p)
     assert gamble[1] == pytest.approx(1 / 26, abs=0.03)   # G^2(p), far from temperature's 0.286
+
+
+def test_the_hub_model_config_reads_a_chat_model_in_bf16_with_lora_everywhere():
+    args, sft, model = recipe_args("--config", _config_file("smollm2_chat"))
+    assert args.format == "chat" and args.task == "mountain_race" and sft.bf16 is True
+    assert model.dtype == "bfloat16" and model.use_peft and model.lora_target_modules == "all-linear"
+    assert "SmolLM2-135M-Instruct" in _config_file("smollm2_chat").read_text()
+
+
+def test_format_and_goal_text_flags():
+    args, _, _ = recipe_args("--format", "natural", "--goal_text", "Reach the gold.")
+    assert args.format == "natural" and args.goal_text == "Reach the gold."
+    assert recipe_args()[0].format == "" and recipe_args()[0].goal_text is None  # the model's own
+    with pytest.raises(RunError, match="argument --format: invalid choice: 'prose'"):
+        recipe_args("--format", "prose")

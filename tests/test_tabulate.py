@@ -4,26 +4,17 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import RING, task_from_yaml, tiny_gpt2, tiny_llama
-from lmcoh.lm import scoring, tabulate, text
+from conftest import RING, brute_logprobs, random_standin, task_from_yaml, tiny_gpt2, tiny_llama
+from lmcoh.lm import scoring, tabulate
+from lmcoh.lm.text import Layout
 from lmcoh.oracle import exact
 from lmcoh.tasks.library import load_task
 
 
-def naive_logprobs(loaded, task, prompt, state, temperature=1.0):
-    """log pi(a | prompt): one full forward per (prompt + action chunk), renormalised."""
-    tok, out = loaded.tokenizer, []
-    for a in task.actions_of(state):
-        ids = tok(prompt)["input_ids"]
-        chunk = tok(text.action_chunk(task.action_names[a]), add_special_tokens=False)["input_ids"]
-        with torch.no_grad():
-            logits = loaded.model(torch.tensor([ids + chunk])).logits[0].double() / temperature
-        logp = torch.log_softmax(logits, dim=-1)
-        out.append(sum(float(logp[len(ids) - 1 + j, c]) for j, c in enumerate(chunk)))
-    out = np.array(out)
-    return out - np.logaddexp.reduce(out)
+def naive_logprobs(loaded, task, goal, states, actions, temperature=1.0, layout=Layout()):
+    """log pi(a | history): one full forward per (prompt + action) text, renormalised."""
+    return brute_logprobs(loaded, task, layout, goal, states, actions, temperature)
 
 
 def histories(task):
@@ -43,29 +34,28 @@ def histories(task):
 
 def test_scores_match_one_sequence_at_a_time(mountain):
     lm = tiny_llama(mountain, seed=1)
-    prompts = [text.prompt(mountain, "success", [0], []), text.prompt(mountain, "success", [0, 1], [0]),
-               text.prompt(mountain, "none", [0, 2], [1])]
-    got = scoring.action_logprobs(lm, mountain, prompts, [0, 1, 2], temperature=0.7)
-    for p, s, g in zip(prompts, [0, 1, 2], got):
-        np.testing.assert_allclose(g, naive_logprobs(lm, mountain, p, s, 0.7), atol=1e-5)
+    histories = [([0], []), ([0, 1], [0]), ([0, 2], [1])]
+    for goal in ("success", "none"):
+        got = scoring.action_logprobs(lm, mountain, histories, goal, temperature=0.7)
+        for (states, actions), g in zip(histories, got):
+            np.testing.assert_allclose(g, naive_logprobs(lm, mountain, goal, states, actions, 0.7), atol=1e-5)
 
 
 def test_bpe_model_multi_token_actions(expedition):
     lm = tiny_gpt2(expedition, seed=2)
-    codec = scoring.Codec(lm.tokenizer, expedition)
-    assert min(len(codec.actions[a]) for a in range(expedition.n_actions)) >= 4
+    codec = scoring.Codec(lm.tokenizer, expedition, goal="failure")
+    assert min(len(codec.action_tokens[a]) for a in range(expedition.n_actions)) >= 4
     for t, frontier in histories(expedition):
         for states, actions, _ in frontier:
-            prompt = text.prompt(expedition, "success", states, actions)
             # chunk-wise token ids equal the tokenisation of the whole prompt
-            assert codec.prompt("success", states, actions) == codec.encode(prompt)
-    states, actions = [0, 1], [0]
-    prompt = text.prompt(expedition, "failure", states, actions)
-    got = scoring.action_logprobs(lm, expedition, [prompt], [1], temperature=1.3)[0]
-    np.testing.assert_allclose(got, naive_logprobs(lm, expedition, prompt, 1, 1.3), atol=1e-5)
+            back, chunks = codec.choices(states[-1], t)
+            assert back == 0 and codec.prompt(states, actions) == codec.encode(
+                codec.writer.prompt("failure", states, actions))
+    got = scoring.action_logprobs(lm, expedition, [([0, 1], [0])], "failure", temperature=1.3)[0]
+    np.testing.assert_allclose(got, naive_logprobs(lm, expedition, "failure", [0, 1], [0], 1.3), atol=1e-5)
 
 
-def _history_weights(lm, task, goal, mode="history"):
+def _history_weights(lm, task, goal, layout=Layout()):
     """Brute-force aggregated policy and LM success probability over histories."""
     num = [np.zeros(len(layer.actions)) for layer in task.layers]
     den = [np.zeros(len(layer.states)) for layer in task.layers]
@@ -77,7 +67,7 @@ def _history_weights(lm, task, goal, mode="history"):
         for states, actions, w, logq in frontier:
             s = states[-1]
             i = int(np.flatnonzero(layer.states == s)[0])
-            pi = np.exp(naive_logprobs(lm, task, text.prompt(task, goal, states, actions, mode), s))
+            pi = np.exp(naive_logprobs(lm, task, goal, states, actions, layout=layout))
             den[t][i] += w
             num[t][layer.start[i]:layer.start[i + 1]] += w * pi
             for k, a in enumerate(task.actions_of(s)):
@@ -98,8 +88,19 @@ def _history_weights(lm, task, goal, mode="history"):
 def test_tabulate_equals_brute_force_over_histories(ref):
     task = task_from_yaml(RING, "ring") if ref == "ring" else load_task(ref)
     lm = tiny_llama(task, seed=4)
-    got = tabulate.tabulate(lm, task, goal="success", batch_size=7)
-    table, success, visits = _history_weights(lm, task, "success")
+    _assert_tabulation_is_brute_force(lm, task, Layout())
+
+
+@pytest.mark.parametrize("family, fmt", [("gpt2", "natural"), ("llama", "compact"), ("llama", "chat")])
+def test_tabulate_equals_brute_force_with_pretrained_tokenizers(family, fmt, ring, gpt2_tokenizer, llama_tokenizer):
+    """Recurring states and stochastic moves, read through BPE, SentencePiece and a chat template."""
+    lm = random_standin(family, {"gpt2": gpt2_tokenizer, "llama": llama_tokenizer}[family], seed=4)
+    _assert_tabulation_is_brute_force(lm, ring, Layout(fmt))
+
+
+def _assert_tabulation_is_brute_force(lm, task, layout):
+    got = tabulate.tabulate(lm, task, goal="success", layout=layout, batch_size=7)
+    table, success, visits = _history_weights(lm, task, "success", layout)
     assert got.exact and got.histories == tabulate.count_histories(task)
     for p, q in zip(got.policy, table):
         np.testing.assert_allclose(p, q, atol=1e-6)
@@ -119,11 +120,11 @@ def test_markov_prompts_give_a_markov_policy(ring):
     task = ring
     assert task.recurring
     lm = tiny_llama(task, seed=5)
-    got = tabulate.tabulate(lm, task, goal="none", mode="markov")
+    markov = Layout(mode="markov")
+    got = tabulate.tabulate(lm, task, goal="none", layout=markov)
     for t, layer in enumerate(task.layers):
         for i, s in enumerate(layer.states):
-            prompt = text.prompt(task, "none", [int(s)] * (t + 1), [], mode="markov")
-            want = np.exp(naive_logprobs(lm, task, prompt, int(s)))
+            want = np.exp(naive_logprobs(lm, task, "none", [int(s)] * (t + 1), [], layout=markov))
             np.testing.assert_allclose(got.policy[t][layer.start[i]:layer.start[i + 1]], want, atol=1e-6)
     assert got.success == pytest.approx(exact.success(task, got.policy), abs=1e-12)
 

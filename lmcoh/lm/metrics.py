@@ -1,6 +1,12 @@
 """What `lmcoh evaluate` reports about an LM policy: success, return, incoherence at the
 state and token level, and distance to the re-training sequence G^k(p). numpy only.
 
+The prior p of G^k(p) is the task's prior (``reference="task"``: the behaviour a model that lmcoh
+conditioned was trained on) or the model's own unconditioned policy p_M (``"model"``: the
+model prompted with no goal, aggregated per (step, state)), which any causal LM has zero-shot:
+then tv_to_retrain[1] measures how far success prompting is from exact Bayesian conditioning of
+the model's own behaviour.
+
 Token-level incoherence. A state's actions are token sequences; they form a trie. Any
 distribution over the actions induces token conditionals at each trie node (the mass of a
 child's subtree over the node's mass), and by the chain rule
@@ -23,6 +29,7 @@ from ..oracle import exact
 from ..tasks.task import Task
 
 RETRAIN_STEPS = 4  # tv_to_retrain reports k = 0..RETRAIN_STEPS
+REFERENCES = ("task", "model")  # whose prior p the sequence G^k(p) starts from
 
 
 def token_terms(tokens: list[tuple[int, ...]], p: np.ndarray, pd: np.ndarray) -> list[float]:
@@ -81,8 +88,9 @@ def tv_to(task: Task, policy: exact.Policy, targets: list[exact.Policy],
     return [exact.tv_distance(task, policy, target, occ) for target in targets]
 
 
-def report(task: Task, lm, goal: str, delta: float = 1.0) -> dict:
-    """The `lmcoh evaluate --json` object for a tabulated LM policy (`policy.LMPolicy`)."""
+def report(task: Task, lm, goal: str, delta: float = 1.0, reference: exact.Policy | None = None) -> dict:
+    """The `lmcoh evaluate --json` object for a tabulated LM policy (`tabulate.LMPolicy`), with
+    G^k of ``reference`` (default: the task's prior)."""
     pi = lm.policy
     occ = exact.occupancy(task, pi)
     state = exact.summary(task, pi, delta)
@@ -93,25 +101,42 @@ def report(task: Task, lm, goal: str, delta: float = 1.0) -> dict:
            "incoherence": state["incoherence"],
            "incoherence_finite_part": float(state["incoherence_finite_part"]),
            "token_incoherence": {"total": tokens["total"], "by_position": tokens["by_position"]},
-           "tv_to_retrain": tv_to(task, pi, exact.sequence(task, "retrain", RETRAIN_STEPS), occ),
+           "tv_to_retrain": tv_to(task, pi, exact.sequence(task, "retrain", RETRAIN_STEPS, reference), occ),
+           "reference": "task" if reference is None else "model",
            "histories": int(lm.histories),
            "exact": bool(lm.exact)}
     if not lm.exact:
         out["success_ci"] = float(lm.success_ci)
         out["episodes"] = int(lm.episodes)
     out["policy"] = exact.policy_table(task, pi)
+    if reference is not None:
+        out["reference_policy"] = exact.policy_table(task, reference)
     return out
 
 
 def evaluate(loaded, task: Task, goal: str = "success", temperature: float = 1.0,
-             mode: str = "history", delta: float = 1.0, max_histories: int = 200_000, *,
-             seed: int = 0, batch_size: int = 256, mc_episodes: int = 4000,
+             layout=None, delta: float = 1.0, max_histories: int = 200_000, *,
+             reference: str = "task", seed: int = 0, batch_size: int = 256, mc_episodes: int = 4000,
              progress: bool = False) -> dict:
-    """Tabulate ``loaded`` prompted with ``goal`` on ``task`` and `report` on it."""
+    """Tabulate ``loaded`` prompted with ``goal`` on ``task`` (in ``layout``, default compact
+    history prompts) and `report` on it, against G^k of the task's prior (``reference="task"``)
+    or of the model's own policy with no goal at temperature 1 (``"model"``)."""
     from .tabulate import tabulate  # torch: only when a model is evaluated
+    from .text import Layout
 
-    lm = tabulate(loaded, task, goal, temperature, mode, max_histories, seed=seed,
-                  batch_size=batch_size, mc_episodes=mc_episodes, progress=progress)
-    out = report(task, lm, goal, delta)
-    out["temperature"], out["prompt"] = temperature, mode
+    if reference not in REFERENCES:
+        raise ValueError(f"unknown reference {reference!r}; choose one of {', '.join(REFERENCES)}")
+    layout = Layout() if layout is None else layout
+
+    def table(goal: str, temperature: float):
+        return tabulate(loaded, task, goal, temperature, layout, max_histories, seed=seed,
+                        batch_size=batch_size, mc_episodes=mc_episodes, progress=progress)
+
+    lm = table(goal, temperature)
+    prior = None
+    if reference == "model":
+        prior = (lm if goal == "none" and temperature == 1.0 else table("none", 1.0)).policy
+    out = report(task, lm, goal, delta, prior)
+    out.update({"temperature": temperature, "format": layout.format, "prompt": layout.mode,
+                "goal_text": layout.goal_text})
     return out

@@ -31,13 +31,13 @@ from .. import faults
 from ..errors import ModelError, first_line
 from ..io import replace_dir, write_json
 from ..tasks.task import Task
-from .text import GOAL_TOKENS, SPECIAL_WORDS, action_chunk, state_chunk
+from .text import MARKERS, SPECIAL_WORDS, Layout, Writer
 
 # peft reads transformers' deprecated `is_gradient_checkpointing`: their warning, not the user's.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 META_FILE = "lmcoh.json"
-TEXT_FORMAT = 1  # bump when lmcoh/text.py writes episodes differently
+TEXT_FORMAT = 2  # bump when lmcoh/text.py writes episodes differently
 BOS, EOS, PAD, UNK = "<bos>", "<eos>", "<pad>", "<unk>"
 
 
@@ -55,14 +55,14 @@ class LoadedModel:
 # ---- tokenizer and a fresh model -----------------------------------------------------------------
 
 def task_words(task: Task) -> list[str]:
-    """Every whitespace-separated word lmcoh's text format can write for ``task``, in first-seen order."""
-    words = dict.fromkeys(w for g in GOAL_TOKENS.values() for w in g.split())
-    words.update(dict.fromkeys(SPECIAL_WORDS))
+    """Every whitespace-separated word the compact format can write for ``task``, in first-seen order."""
+    writer = Writer(task)
+    words = dict.fromkeys(SPECIAL_WORDS)
     words.update(dict.fromkeys(f"@{t}" for t in range(task.steps)))
     for s in range(task.n_states):
-        words.update(dict.fromkeys(state_chunk(task, s, 0).split()))
-    for name in dict.fromkeys(task.action_names):
-        words.update(dict.fromkeys(action_chunk(name).split()))
+        words.update(dict.fromkeys(writer.state("none", s, 0).split()))
+    for a in range(task.n_actions):
+        words.update(dict.fromkeys(writer.action(a).split()))
     return list(words)
 
 
@@ -287,6 +287,65 @@ def add_lora(model, config=None):
     return get_peft_model(model, config)
 
 
+def add_markers(loaded: LoadedModel, seed: int = 0) -> list[int]:
+    """Add the text format's markers (`lmcoh.lm.text.MARKERS`) that the tokenizer lacks as special
+    tokens and grow the embeddings to fit. Returns the new tokens' ids (to be trained: `lora_config`).
+
+    Each new row (input, and output when untied) is drawn, seeded, from a normal distribution with
+    the mean and covariance of the existing rows (as transformers' ``mean_resizing``): it starts
+    as a typical token, and the goal markers start apart, where rows set to the mean would start
+    as a short, shared vector that a LoRA run needs many steps to pull apart.
+    """
+    from tokenizers import AddedToken
+
+    tokenizer, model = loaded.tokenizer, loaded.model
+    missing = [m for m in MARKERS if m not in tokenizer.get_vocab()]
+    if not missing:
+        return []
+    old = model.get_input_embeddings().weight.shape[0]
+    tokenizer.add_tokens([AddedToken(m, special=True, normalized=False) for m in missing], special_tokens=True)
+    ids = tokenizer.convert_tokens_to_ids(missing)
+    if len(tokenizer) > old:  # an embedding matrix may already have spare rows
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in {id(x.weight): x for x in (model.get_input_embeddings(), model.get_output_embeddings())
+                      if x is not None}.values():  # a tied output layer shares the input rows
+            rows = layer.weight[:min(ids)].double().cpu()
+            mean = rows.mean(dim=0)
+            cov = (rows - mean).T @ (rows - mean) / len(rows)
+            scale = torch.linalg.cholesky(cov + 1e-9 * cov.diagonal().mean() * torch.eye(len(mean), dtype=cov.dtype))
+            draw = mean + torch.randn(len(ids), len(mean), generator=generator, dtype=cov.dtype) @ scale.T
+            layer.weight[ids] = draw.to(layer.weight)
+    return ids
+
+
+def lora_config(model, r: int = 16, alpha: int = 32, target_modules="all-linear", new_tokens=()):
+    """A peft `LoraConfig`: LoRA of rank ``r`` on ``target_modules`` plus, through
+    ``trainable_token_indices``, the embedding rows of ``new_tokens`` (input and output rows; one
+    matrix when they are tied). The rest of the model's vocabulary stays frozen."""
+    from peft import LoraConfig
+
+    indices = None
+    if new_tokens:
+        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+        indices = list(new_tokens)
+        if head is not None and head.weight is not embed.weight:
+            names = {m: n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
+            indices = {names[embed]: list(new_tokens), names[head]: list(new_tokens)}
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules,
+                      task_type="CAUSAL_LM", trainable_token_indices=indices)
+
+
+def model_layout(meta: dict, format: str | None = None, mode: str | None = None,
+                 goal_text: str | None = None) -> Layout:
+    """The layout a model is prompted in: the choices given, else its directory's own (lmcoh.json
+    records the format, prompt mode and goal text it was trained with), else compact history
+    prompts with the goal token."""
+    return Layout(format or meta.get("format", "compact"), mode or meta.get("prompt_mode", "history"),
+                  goal_text if goal_text is not None else meta.get("goal_text"))
+
+
 def model_init_kwargs(model_args) -> dict:
     """``from_pretrained`` arguments from TRL's `ModelConfig` (dtype, attention, revision,
     quantization). Never ``trust_remote_code``."""
@@ -301,19 +360,24 @@ def model_init_kwargs(model_args) -> dict:
     return kwargs
 
 
-def check_task_fits(loaded: LoadedModel, task: Task) -> None:
-    """`ModelError` unless the tokenizer can write every state, action and goal text of ``task``.
+def check_task_fits(loaded: LoadedModel, task: Task, layout: Layout = Layout()) -> None:
+    """`ModelError` unless the tokenizer can write every state, action and goal text of ``task``
+    in ``layout``.
 
-    A text fits when decoding its tokens gives it back (up to whitespace): a word-level
-    tokenizer built for another task fails on the words it maps to ``<unk>``.
+    A text fits when decoding its tokens gives it back (up to whitespace, which SentencePiece
+    tokenizers insert after special tokens): a word-level tokenizer built for another task fails
+    on the words it maps to ``<unk>``.
     """
-    states = sorted({int(s) for layer in task.layers for s in layer.states})
-    texts = ([state_chunk(task, s, 0) for s in states] + [f" @{t}" for t in range(task.steps)]
-             + [action_chunk(a) for a in dict.fromkeys(task.action_names)]
-             + [g for g in GOAL_TOKENS.values() if g])
+    writer = Writer(task, layout, loaded.tokenizer)
+    first = {}
+    for t, layer in enumerate(task.layers):
+        for s in layer.states.tolist():
+            first.setdefault(s, t)
+    texts = [writer.state(goal, s, t) for s, t in sorted(first.items()) for goal in ("success", "failure")]
+    texts += [writer.action(a) for a in dict.fromkeys(range(task.n_actions))]
     tok = loaded.tokenizer
     ids = tok(texts, add_special_tokens=False)["input_ids"]
     for text, back in zip(texts, tok.batch_decode(ids)):
-        if back.split() != text.split():
+        if "".join(back.split()) != "".join(text.split()):
             raise ModelError(f"the tokenizer of {loaded.path or 'the model'} cannot write {text.strip()!r} "
                              f"from task {task.name!r}; pretrain a model for this task (lmcoh pretrain)")

@@ -2,9 +2,24 @@
 
 The theory's prior is "the behaviour the generative model was trained on". Here that is the
 task's prior policy: sample episodes under p, label each with its outcome (drawn w.p. prod q),
-and train a causal LM on ``GOAL_TOKEN + transcript``. Prompted with ``<success>`` the model
-then gives p(a | s, O = 1) = G(p); a share of the transcripts is also shown with no goal token,
-so the bare prompt gives p itself.
+and train a causal LM on the transcripts, the goal written at every decision: ``<success>`` or
+``<failure>`` by the outcome. Prompted with ``<success>`` the model then gives
+p(a | s, O = 1) = G(p); a share of the transcripts is also shown with no goal, so the bare
+prompt gives p itself.
+
+Two kinds of model:
+
+* the built-in one (no ``base``): a small Llama with a word-level tokenizer built for the task,
+  trained whole from random weights, compact format only;
+* a pretrained causal LM (``base``: a directory or hub id), conditioned with LoRA: the markers
+  the text format needs (``<success>``, ``<failure>``, ``<eoa>``) are added to its tokenizer as
+  special tokens, and training updates the LoRA adapter and those new embedding rows only
+  (peft's ``trainable_token_indices``); the model's own vocabulary is not retrained. The output
+  directory holds the merged model: a normal Hugging Face directory with the grown tokenizer,
+  which `load_model` and the recipes read like any other.
+
+Each kind has its own defaults (`DEFAULTS`): the built-in model learns from scratch with a high
+learning rate over many epochs; a pretrained one needs a few epochs of LoRA.
 """
 
 from __future__ import annotations
@@ -13,7 +28,7 @@ import os
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +36,9 @@ import numpy as np
 from .. import faults
 from ..errors import ModelError
 from ..io import exclusive
-from ..tasks.episodes import Episode, sample_outcome_balanced, sample_prior_episodes
+from ..tasks.episodes import sample_outcome_balanced, sample_prior_episodes
 from ..tasks.task import Task
-from .text import episode_text
+from .text import Layout
 
 # Named model sizes (`lmcoh pretrain --model-size`, arguments of `lmcoh.model.new_llama`). A wide
 # initialisation helps the tiny model pick up the goal token a dozen tokens back; "tiny" is tested.
@@ -36,95 +51,119 @@ MODEL_SIZES = {
 
 @dataclass
 class PretrainConfig:
-    episodes: int = 2000        # behind their outcome token, half successes (sample_outcome_balanced)
-    epochs: float = 15.0
+    """`lmcoh pretrain`'s settings; None takes the default of the kind of model (`DEFAULTS`)."""
+
+    episodes: int | None = None       # behind their outcome token, half successes (sample_outcome_balanced)
+    epochs: float | None = None
     seed: int = 0
-    none_share: float = 1 / 3   # share of training transcripts with no goal token (extra episodes)
-    learning_rate: float = 1e-2
-    batch_size: int = 128
-    model_size: str = "tiny"    # a key of MODEL_SIZES (ignored with a base model)
-    average_last: float = 0.3   # end on the mean weights of this last share of steps (see train_sft)
+    none_share: float = 1 / 3         # share of training transcripts with no goal token (extra episodes)
+    learning_rate: float | None = None
+    batch_size: int | None = None
+    model_size: str = "tiny"          # a key of MODEL_SIZES (the built-in model only)
+    average_last: float | None = None  # end on the mean weights of this last share of steps (see train_sft)
+    lora_r: int = 16                  # LoRA rank (a pretrained base only)
+    lora_alpha: int = 32
 
-    def check(self) -> None:
-        """`ModelError` (one line) for settings that cannot train."""
-        if self.episodes < 1:
-            raise ModelError(f"need at least one episode, got {self.episodes}")
-        if not self.epochs > 0 or not self.learning_rate > 0 or self.batch_size < 1:
-            raise ModelError("epochs, learning rate and batch size must be positive")
-        if not 0.0 <= self.none_share < 1.0:
-            raise ModelError(f"the no-goal share must be in [0, 1), got {self.none_share}")
-        if not 0.0 <= self.average_last < 1.0:
-            raise ModelError(f"the averaged share of steps must be in [0, 1), got {self.average_last}")
-        if self.model_size not in MODEL_SIZES:
-            raise ModelError(f"unknown model size {self.model_size!r}; choose one of {', '.join(MODEL_SIZES)}")
-
-
-def training_texts(task: Task, labelled: list[Episode], bare: list[Episode]) -> tuple[list[str], list[str]]:
-    """Prompts (goal tokens) and completions (transcripts): ``labelled`` episodes behind their
-    outcome token, ``bare`` ones behind no goal token."""
-    prompts = ["<success>" if e.success else "<failure>" for e in labelled] + [""] * len(bare)
-    completions = [episode_text(task, "none", e.states, e.actions) for e in labelled + bare]
-    return prompts, completions
+    def resolved(self, pretrained: bool) -> "PretrainConfig":
+        """Every None replaced by the default for a ``pretrained`` base or the built-in model;
+        `ModelError` (one line) for settings that cannot train."""
+        defaults = DEFAULTS["base" if pretrained else "built-in"]
+        out = replace(self, **{f.name: defaults[f.name] for f in fields(self) if getattr(self, f.name) is None})
+        if out.episodes < 1:
+            raise ModelError(f"need at least one episode, got {out.episodes}")
+        if not out.epochs > 0 or not out.learning_rate > 0 or out.batch_size < 1 or out.lora_r < 1:
+            raise ModelError("epochs, learning rate, batch size and LoRA rank must be positive")
+        if not 0.0 <= out.none_share < 1.0:
+            raise ModelError(f"the no-goal share must be in [0, 1), got {out.none_share}")
+        if not 0.0 <= out.average_last < 1.0:
+            raise ModelError(f"the averaged share of steps must be in [0, 1), got {out.average_last}")
+        if out.model_size not in MODEL_SIZES:
+            raise ModelError(f"unknown model size {out.model_size!r}; choose one of {', '.join(MODEL_SIZES)}")
+        return out
 
 
-def pretrain(task: Task, out_dir: str | Path, *, episodes: int = PretrainConfig.episodes,
-             epochs: float = PretrainConfig.epochs, seed: int = 0, base: str | None = None,
-             model_size: str = PretrainConfig.model_size, none_share: float = PretrainConfig.none_share,
-             learning_rate: float = PretrainConfig.learning_rate, batch_size: int = PretrainConfig.batch_size,
-             average_last: float = PretrainConfig.average_last, progress: bool = False,
-             report_to: str = "none") -> Path:
-    """Pretrain a prior for ``task`` (or continue pretraining ``base``) and save it to ``out_dir``.
+# The defaults of each kind of model. The built-in model learns everything from random weights.
+# A pretrained base trains a LoRA adapter and the new marker rows: a few epochs at a LoRA-sized
+# learning rate, small batches (many steps), the last half of the steps averaged (measured on
+# the stand-ins of lmcoh.lm.standins: python -m lmcoh.bench --lm).
+DEFAULTS = {
+    "built-in": {"episodes": 2000, "epochs": 15.0, "learning_rate": 1e-2, "batch_size": 128, "average_last": 0.3},
+    "base": {"episodes": 1000, "epochs": 3.0, "learning_rate": 2e-3, "batch_size": 16, "average_last": 0.5},
+}
+
+
+def pretrain(task: Task, out_dir: str | Path, *, base: str | None = None, format: str | None = None,
+             goal_text: str | None = None, progress: bool = False, report_to: str = "none", **settings) -> Path:
+    """Pretrain a prior for ``task`` (the built-in model, or ``base`` conditioned with LoRA) and
+    save it to ``out_dir``. ``settings`` are `PretrainConfig` fields; ``format`` and ``goal_text``
+    say how episodes are written (default: compact with the goal token, or the base model's own).
 
     Under a data-parallel launch every process trains (``batch_size`` is the global batch, split
     over the processes, so any number of processes trains the same model) and the main one
     holds ``out_dir``'s lock and saves.
     """
-    config = PretrainConfig(episodes, epochs, seed, none_share, learning_rate, batch_size, model_size, average_last)
-    config.check()
+    config = PretrainConfig(**settings).resolved(base is not None)
     from .model import check_out_dir
     from .training import is_main_process
 
     check_out_dir(out_dir)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if batch_size % world:
-        raise ModelError(f"the batch size {batch_size} does not split evenly over {world} processes")
+    if config.batch_size % world:
+        raise ModelError(f"the batch size {config.batch_size} does not split evenly over {world} processes")
     with exclusive(out_dir, "pretraining") if is_main_process() else nullcontext():
-        return _pretrain(task, Path(out_dir), config, base, batch_size // world, progress, report_to)
+        return _pretrain(task, Path(out_dir), config, base, format, goal_text, config.batch_size // world,
+                         progress, report_to)
 
 
-def _pretrain(task: Task, out: Path, config: PretrainConfig, base: str | None, per_device_batch: int,
-              progress: bool, report_to: str) -> Path:
-    from .model import build_tokenizer, check_task_fits, load_model, new_llama, save_model
-    from .training import is_main_process, sft_config, train_sft
+def _pretrain(task: Task, out: Path, config: PretrainConfig, base: str | None, format: str | None,
+              goal_text: str | None, per_device_batch: int, progress: bool, report_to: str) -> Path:
+    import torch
+
+    from .model import (add_lora, add_markers, build_tokenizer, check_task_fits, load_model, lora_config,
+                        model_layout, new_llama, save_model)
+    from .training import episode_examples, is_main_process, sft_config, train_sft
 
     started = time.perf_counter()
-    episodes, seed = config.episodes, config.seed
     if base is not None:
         loaded = load_model(base, device="cpu")
-        check_task_fits(loaded, task)
-        model, tokenizer, meta = loaded.model, loaded.tokenizer, dict(loaded.meta)
+        layout = model_layout(loaded.meta, format, "history", goal_text)
+        new_tokens = add_markers(loaded)
+        check_task_fits(loaded, task, layout)
+        tokenizer, meta = loaded.tokenizer, dict(loaded.meta)
         meta.pop("adapter", None)
+        with torch.random.fork_rng(devices=[]):  # peft draws the LoRA weights from torch's generator
+            torch.manual_seed(config.seed)
+            model = add_lora(loaded.model, lora_config(loaded.model, config.lora_r, config.lora_alpha,
+                                                       new_tokens=new_tokens))
     else:
+        layout = Layout(format or "compact", goal_text=goal_text)
+        if layout.format != "compact" or goal_text is not None:
+            raise ModelError("the built-in model reads the compact format with goal tokens only (its tokenizer "
+                             "knows the task's words); condition a pretrained model (--base) for other text")
         tokenizer = build_tokenizer(task)
-        model = new_llama(tokenizer, **MODEL_SIZES[config.model_size], seed=seed)
-        meta = {}
+        model = new_llama(tokenizer, **MODEL_SIZES[config.model_size], seed=config.seed)
+        meta, new_tokens = {}, []
 
-    rng = np.random.default_rng(seed)
-    n_bare = round(episodes * config.none_share / (1.0 - config.none_share))
-    prompts, completions = training_texts(task, sample_outcome_balanced(task, episodes, rng),
-                                          sample_prior_episodes(task, n_bare, rng))
+    rng = np.random.default_rng(config.seed)
+    n_bare = round(config.episodes * config.none_share / (1.0 - config.none_share))
+    labelled = [("success" if e.success else "failure", e) for e in sample_outcome_balanced(task, config.episodes, rng)]
+    examples = episode_examples(tokenizer, task, layout, labelled + [("none", e) for e in
+                                                                     sample_prior_episodes(task, n_bare, rng)])
     with tempfile.TemporaryDirectory(prefix="lmcoh-pretrain-") as scratch:
         args = sft_config(output_dir=scratch, num_train_epochs=config.epochs, learning_rate=config.learning_rate,
-                          per_device_train_batch_size=per_device_batch, seed=seed, data_seed=seed,
+                          per_device_train_batch_size=per_device_batch, seed=config.seed, data_seed=config.seed,
                           report_to=report_to, disable_tqdm=not progress)
-        stats = train_sft(model, tokenizer, prompts, completions, args, average_last=config.average_last)
+        stats = train_sft(model, tokenizer, examples, args, average_last=config.average_last)
     faults.point("pretrain")
+    if base is not None:
+        model = model.merge_and_unload()  # LoRA and the new rows into the weights: a plain model directory
     meta.update({
         "kind": "prior",
         "task": {"name": task.name, "source": task.source, "spec": task.to_spec()},
-        "prompt_mode": "history",
-        "pretrain": {**asdict(config), "base": base, "examples": len(prompts),
-                     "train_loss": stats.get("train_loss"), "seconds": round(time.perf_counter() - started, 2)},
+        "format": layout.format, "prompt_mode": "history", "goal_text": layout.goal_text,
+        "pretrain": {**asdict(config), "base": base, "added_tokens": tokenizer.convert_ids_to_tokens(new_tokens),
+                     "examples": len(examples), "train_loss": stats.get("train_loss"),
+                     "seconds": round(time.perf_counter() - started, 2)},
     })
     if is_main_process():
         save_model(model, tokenizer, out, meta)

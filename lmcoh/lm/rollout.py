@@ -25,37 +25,35 @@ from .. import faults
 from ..tasks.episodes import Episode, _pick, episode_logq
 from ..tasks.task import Task
 from .scoring import Codec, Context, renormalise
-from .text import goal_prefix
+from .text import Layout
 
 
 def sample_episodes(loaded, task: Task, n: int, *, goal: str = "success", seed: int = 0,
-                    temperature: float = 1.0, batch_size: int = 256, mode: str = "history",
+                    temperature: float = 1.0, batch_size: int = 256, layout: Layout = Layout(),
                     progress: bool = True, rows: range | None = None) -> list[Episode]:
     """``n`` episodes from the LM policy prompted with ``goal``, outcomes drawn w.p. prod q
     (only episodes ``rows`` of the ``n``, when given)."""
     return [episode for episode, _ in rollout(loaded, task, n, goal=goal, seed=seed,
                                               temperature=temperature, batch_size=batch_size,
-                                              mode=mode, progress=progress, rows=rows)]
+                                              layout=layout, progress=progress, rows=rows)]
 
 
 def rollout(loaded, task: Task, n: int, *, goal: str = "success", seed: int = 0,
-            temperature: float = 1.0, batch_size: int = 256, mode: str = "history",
+            temperature: float = 1.0, batch_size: int = 256, layout: Layout = Layout(),
             progress: bool = True, codec: Codec | None = None, rows: range | None = None
             ) -> Iterator[tuple[Episode, list[np.ndarray]]]:
     """Each episode with the action distribution pi(.|h) it was drawn from at every step."""
-    goal_prefix(goal)
-    codec = Codec(loaded.tokenizer, task, mode) if codec is None else codec
+    codec = Codec(loaded.tokenizer, task, layout, goal) if codec is None else codec
     uniforms = np.random.default_rng(seed).random((n, 2 * task.steps + 2))
     if rows is not None:
         uniforms = uniforms[rows.start:rows.stop]
     with tqdm(total=len(uniforms), unit="ep", disable=not progress, desc="sampling") as bar:
         for lo in range(0, len(uniforms), batch_size):
-            yield from _batch(loaded.model, task, codec, goal, temperature,
-                              uniforms[lo:lo + batch_size], bar)
+            yield from _batch(loaded.model, task, codec, temperature, uniforms[lo:lo + batch_size], bar)
             faults.point("sample")
 
 
-def _batch(model, task: Task, codec: Codec, goal: str, temperature: float, u: np.ndarray,
+def _batch(model, task: Task, codec: Codec, temperature: float, u: np.ndarray,
            bar) -> list[tuple[Episode, list[np.ndarray]]]:
     n = len(u)
     states = [[_pick(task.start_prob, u[i, 0])] for i in range(n)]
@@ -70,11 +68,12 @@ def _batch(model, task: Task, codec: Codec, goal: str, temperature: float, u: np
             break
         if ctx is None:
             ctx = Context(model, len(alive), temperature)
-            ctx.extend([codec.prompt(goal, states[i], actions[i]) for i in alive])
+            ctx.extend([codec.prompt(states[i], actions[i]) for i in alive])
         cur = [states[i][-1] for i in alive]
-        scores, branch = ctx.score([[codec.actions[a] for a in task.actions_of(s)] for s in cur])
+        choices = codec.choices_of(cur, t)
+        scores, branch = ctx.score([c for _, c in choices], [b for b, _ in choices])
         offset = np.cumsum([0] + [len(x) for x in scores])
-        keep, chunks, survivors = [], [], []
+        keep, survivors = [], []
         for row, (i, s, logp) in enumerate(zip(alive, cur, scores)):
             logp = renormalise(logp)
             p = np.exp(logp)
@@ -88,20 +87,20 @@ def _batch(model, task: Task, codec: Codec, goal: str, temperature: float, u: np
             dists[i].append(p)
             if not task.terminal[nxt] and t + 1 < task.steps:
                 keep.append(offset[row] + k)  # this episode's branch continued by its action
-                chunks.append(codec.state(nxt, t + 1))
                 survivors.append(i)
         bar.update(len(alive) - len(survivors))
         alive = survivors
         if not alive:
             break
-        if codec.mode == "markov":
+        if codec.layout.mode == "markov":
             ctx = None  # the next prompt shows only the new state: start a fresh context
         else:
             ctx = branch.take(keep)
-            ctx.extend(chunks)
+            follows = codec.follow_of([actions[i][-1] for i in alive], [states[i][-1] for i in alive], t + 1)
+            ctx.extend([list(c) for _, c in follows], back=[b for b, _ in follows])
     out = []
     for i in range(n):
         prob = float(np.exp(episode_logq(task, states[i], actions[i])))
-        episode = Episode(states[i], actions[i], logprobs[i], prob, bool(u[i, -1] < prob), goal)
+        episode = Episode(states[i], actions[i], logprobs[i], prob, bool(u[i, -1] < prob), codec.goal)
         out.append((episode, dists[i]))
     return out

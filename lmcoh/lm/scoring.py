@@ -1,12 +1,27 @@
 """Exact action scoring: a language model's probability of each legal action, batched.
 
-The model reads a prompt (lmcoh.lm.text) and writes an action chunk `` ACTION <eoa>``. Its
-probability of legal action ``a`` in context ``h`` is
+The model reads a prompt (lmcoh.lm.text) and writes an action chunk. Its probability of legal
+action ``a`` after history ``h`` is
 
-    pi(a | h) = exp(log p(chunk(a) | h)) / sum over legal a' of exp(log p(chunk(a') | h)),
+    pi(a | h) = p(text(h) + chunk(a)) / sum over legal a' of p(text(h) + chunk(a')),
 
-the sum of the chunk's token log-probs (logits divided by the temperature first),
-renormalised over the legal actions, so the model can never choose an illegal action.
+where p(text) is the product of the probabilities of the tokens the model reads for ``text``,
+the whole text tokenised at once (logits divided by the temperature first). So the model can
+never choose an illegal action.
+
+Tokens at chunk boundaries. Tokenising a prompt and an action chunk apart need not give the
+tokens of their concatenation: byte-level BPE may merge across the boundary, a SentencePiece
+tokenizer prepends a space to every text it is given, a chat template's markers sit right
+against the reply. So the `Codec` tokenises every boundary in context: a state chunk S with
+each action chunk A after it, as S alone and as S + A. Where they disagree at the end of S,
+the last ``back`` tokens of S are tokenised anew with the action: scoring takes them back from
+the row's cache (`Context.extend`) and scores the action's tokens from there, the same
+``back`` for every action of the state, so the scores differ from log p(text(h) + chunk(a)) by
+one constant per history, which renormalising removes. The boundary between an action and the
+next state is handled alike. Where tokenising apart and together agree (the word-level
+tokenizer, mostly byte-level BPE) ``back`` is 0 and the chunks simply concatenate. The Codec
+checks the composition against whole-text tokenisation on sample episodes when it is built,
+and refuses (`ModelError`) a tokenizer whose boundaries reach beyond the neighbouring chunk.
 
 Scoring is batched with one KV cache: a `Context` runs all prompts of a batch once
 (right-padded, explicit position ids), then the candidate actions of every row in one more
@@ -17,53 +32,165 @@ action and the next state.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from transformers import DynamicCache
 
 from ..errors import ModelError
 from ..tasks.task import Task
-from .text import PROMPT_MODES, action_chunk, goal_prefix, state_chunk
+from .text import Layout, Writer, goal_prefix
+
+Chunk = tuple[int, ...]
+
 
 # ---- text -> token ids ---------------------------------------------------------------------------
 class Codec:
-    """Token ids of the text chunks of one task, tokenised once each.
+    """Token ids of one task's text, in one layout, under one goal, as the model reads them.
 
-    Every chunk starts with a space (lmcoh.text), so a prompt's ids are the concatenation of
-    its chunks' ids, preceded by the BOS token when the tokenizer adds one.
+    ``choices(s, t)`` gives ``(back, tokens)``: after the chunk of state ``s`` at step ``t``, take
+    back ``back`` tokens and the legal actions read as ``tokens[i]``. ``follow(a, s, t)`` gives
+    ``(back, tokens)`` for the state chunk of ``s`` at step ``t`` after action ``a``'s tokens.
     """
 
-    def __init__(self, tokenizer, task: Task, mode: str = "history"):
-        if mode not in PROMPT_MODES:
-            raise ValueError(f"unknown prompt mode {mode!r}; choose one of {', '.join(PROMPT_MODES)}")
-        self.tokenizer, self.task, self.mode = tokenizer, task, mode
-        self.bos = _bos_ids(tokenizer)
-        self._cache: dict[str, list[int]] = {}
-        self.actions = [tuple(self.ids(action_chunk(name))) for name in task.action_names]
+    def __init__(self, tokenizer, task: Task, layout: Layout = Layout(), goal: str = "success",
+                 check: bool = True):
+        goal_prefix(goal)
+        self.tokenizer, self.task, self.layout, self.goal = tokenizer, task, layout, goal
+        self.writer = Writer(task, layout, tokenizer)
+        self.bos = [] if layout.format == "chat" else _bos_ids(tokenizer)  # a chat template writes its own
+        self._ids: dict[str, Chunk] = {}
+        self._choices: dict[tuple[int, int], tuple[int, list[Chunk]]] = {}
+        self._follow: dict[tuple[int, int, int], tuple[int, Chunk]] = {}
+        self.action_tokens = ActionTokens(self)
+        if check:
+            self.check()
 
-    def ids(self, text: str) -> list[int]:
-        if text not in self._cache:
-            self._cache[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-        return self._cache[text]
+    def _tokenize(self, texts: list[str]) -> None:
+        todo = [t for t in dict.fromkeys(texts) if t not in self._ids]
+        if todo:
+            for text, ids in zip(todo, self.tokenizer(todo, add_special_tokens=False)["input_ids"]):
+                self._ids[text] = tuple(ids)
 
     def encode(self, text: str) -> list[int]:
-        """A whole prompt string, as the model saw it in training."""
+        """A whole text, as the model reads it."""
         return self.bos + self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def prompt(self, goal: str, states, actions) -> list[int]:
-        """Ids of ``lmcoh.text.prompt(task, goal, states, actions, mode)``."""
-        t = len(states) - 1
-        ids = self.bos + self.ids(goal_prefix(goal))
-        if self.mode == "markov":
-            return ids + self.ids(state_chunk(self.task, states[-1], t, "markov"))
-        for step, s in enumerate(states):
-            ids = ids + self.ids(state_chunk(self.task, s, step))
-            if step < len(actions):
-                ids = ids + list(self.actions[actions[step]])
-        return ids
+    def prompt(self, states, actions) -> list[int]:
+        """Ids of ``Writer.prompt(goal, states, actions)``, tokenised whole."""
+        return self.encode(self.writer.prompt(self.goal, states, actions))
 
-    def state(self, s: int, t: int) -> list[int]:
-        return self.ids(state_chunk(self.task, s, t, self.mode))
+    def choices(self, s: int, t: int) -> tuple[int, list[Chunk]]:
+        return self.choices_of([s], t)[0]
+
+    def choices_of(self, states, t: int) -> list[tuple[int, list[Chunk]]]:
+        """`choices` of each of ``states`` at step ``t``, tokenising new boundaries in one batch."""
+        keys = [(int(s), t) for s in states]
+        todo = [k for k in dict.fromkeys(keys) if k not in self._choices]
+        if todo:
+            w, task = self.writer, self.task
+            pairs = [(w.state(self.goal, s, t), [w.action(a) for a in task.actions_of(s)]) for s, t in todo]
+            self._tokenize([x for left, acts in pairs for x in [left] + [left + a for a in acts]])
+            for key, (left, acts) in zip(todo, pairs):
+                self._choices[key] = _boundary(self._ids[left], [self._ids[left + a] for a in acts])
+        return [self._choices[k] for k in keys]
+
+    def follow(self, a: int, s: int, t: int) -> tuple[int, Chunk]:
+        return self.follow_of([a], [s], t)[0]
+
+    def follow_of(self, actions, states, t: int) -> list[tuple[int, Chunk]]:
+        """`follow` for each (action, next state) pair, the next state at step ``t``."""
+        keys = [(int(a), int(s), t) for a, s in zip(actions, states)]
+        todo = [k for k in dict.fromkeys(keys) if k not in self._follow]
+        if todo:
+            w = self.writer
+            pairs = [(w.action(a), w.state(self.goal, s, t)) for a, s, t in todo]
+            self._tokenize([x for left, right in pairs for x in (left, left + right)])
+            for key, (left, right) in zip(todo, pairs):
+                back, (tokens,) = _boundary(self._ids[left], [self._ids[left + right]])
+                if back > 1:  # tabulation scores an action and runs the next state in one forward
+                    raise ModelError(f"the tokenizer merges the {self.layout.format} text of the next state into "
+                                     f"{back} tokens of the action {left.strip()!r}; use another --format")
+                self._follow[key] = (back, tokens)
+        return [self._follow[k] for k in keys]
+
+    def episode(self, states, actions) -> tuple[list[int], list[int]]:
+        """A transcript's ids (as the model reads it whole) and a mask of the actions' tokens."""
+        ids = self.prompt(states[:1], [])
+        mask = [0] * len(ids)
+        steps = min(len(states), len(actions))
+        for t in range(steps):
+            s, a = int(states[t]), int(actions[t])
+            back, tokens = self.choices(s, t)
+            chunk = tokens[a - self.task.action_ptr[s]]
+            del ids[len(ids) - back:], mask[len(mask) - back:]
+            ids += chunk
+            mask += [1] * len(chunk)
+            if t + 1 < steps:
+                back, chunk = self.follow(a, states[t + 1], t + 1)
+                del ids[len(ids) - back:], mask[len(mask) - back:]
+                ids += chunk
+                mask += [0] * len(chunk)
+        return ids, mask
+
+    def check(self, episodes: int = 32, seed: int = 0) -> None:
+        """`ModelError` unless the chunk-wise tokens equal whole-text tokenisation on ``episodes``
+        prior episodes: every prompt, and every prompt followed by each legal action."""
+        from ..tasks.episodes import sample_prior_episodes
+
+        w, task, markov = self.writer, self.task, self.layout.mode == "markov"
+        for ep in sample_prior_episodes(task, episodes, np.random.default_rng(seed)):
+            row: list[int] = []
+            for t in range(min(len(ep.states), len(ep.actions))):
+                states, actions, s = ep.states[:t + 1], ep.actions[:t], int(ep.states[t])
+                whole = self.prompt(states, actions)
+                if t > 0 and not markov and row != whole:
+                    _refuse(self.layout, w.prompt(self.goal, states, actions))
+                row = whole
+                back, tokens = self.choices(s, t)
+                for a, chunk in zip(task.actions_of(s), tokens):
+                    text = w.answered(self.goal, states, actions, a)
+                    if row[:len(row) - back] + list(chunk) != self.encode(text):
+                        _refuse(self.layout, text)
+                a = int(ep.actions[t])
+                row = row[:len(row) - back] + list(tokens[a - task.action_ptr[s]])
+                if t + 1 < len(ep.actions) and not markov:
+                    back, chunk = self.follow(a, ep.states[t + 1], t + 1)
+                    row = row[:len(row) - back] + list(chunk)
+
+
+def _boundary(left: Chunk, wholes: list[Chunk]) -> tuple[int, list[Chunk]]:
+    """``(back, tails)``: each of ``wholes`` (tokens of left + a continuation) is ``left`` without
+    its last ``back`` tokens, then its tail; ``back`` is the least that fits them all."""
+    common = [next((i for i, (x, y) in enumerate(zip(left, whole)) if x != y), min(len(left), len(whole)))
+              for whole in wholes]
+    cut = min(common)
+    return len(left) - cut, [whole[cut:] for whole in wholes]
+
+
+def _refuse(layout: Layout, text: str) -> None:
+    raise ModelError(f"the {layout.format} text cannot be scored exactly with this tokenizer: its tokens for "
+                     f"{text[-80:]!r} depend on more than the neighbouring chunk; use another --format")
+
+
+class ActionTokens(Sequence):
+    """The tokens the model reads for each flat action after its state's chunk (at the first step
+    the state is reachable), computed on demand: the "tokens" of token-level incoherence."""
+
+    def __init__(self, codec: Codec):
+        self.codec = codec
+        self.first_step = np.zeros(codec.task.n_states, dtype=np.int64)
+        for t in reversed(range(len(codec.task.layers))):
+            self.first_step[codec.task.layers[t].states] = t
+
+    def __len__(self) -> int:
+        return self.codec.task.n_actions
+
+    def __getitem__(self, a: int) -> Chunk:
+        task = self.codec.task
+        s = int(task.action_state[a])
+        return self.codec.choices(s, int(self.first_step[s]))[1][a - task.action_ptr[s]]
 
 
 def _bos_ids(tokenizer) -> list[int]:
@@ -79,8 +206,9 @@ class Context:
     """Token contexts of several rows with their KV cache and next-token log-probs.
 
     Rows are right-padded; pads stay in the cache, masked out, so every query always sees at
-    least one real token and positions count real tokens only. Logits are computed only at
-    the positions that are scored (``logits_to_keep``), so a large vocabulary costs little.
+    least one real token and positions count real tokens only. Tokens taken back (see
+    `Codec`) are masked out the same way. Logits are computed only at the positions that are
+    scored (``logits_to_keep``), so a large vocabulary costs little.
     """
 
     def __init__(self, model, batch: int, temperature: float = 1.0):
@@ -89,6 +217,7 @@ class Context:
         self.model, self.temperature = model, float(temperature)
         self.device = next(model.parameters()).device
         self.cache = DynamicCache()
+        self.ids = torch.zeros(batch, 0, dtype=torch.long, device=self.device)  # the token in each slot
         self.mask = torch.zeros(batch, 0, dtype=torch.long, device=self.device)
         self.length = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.next_logp: torch.Tensor | None = None  # batch x vocab, at each row's last real token
@@ -103,32 +232,51 @@ class Context:
         out.model, out.temperature, out.device = self.model, self.temperature, self.device
         out.cache = DynamicCache([(layer.keys.index_select(0, rows), layer.values.index_select(0, rows))
                                   for layer in self.cache.layers])
-        out.mask, out.length = self.mask[rows], self.length[rows]
+        out.ids, out.mask, out.length = self.ids[rows], self.mask[rows], self.length[rows]
         out.next_logp = None if self.next_logp is None else self.next_logp[rows]
         return out
 
-    @torch.inference_mode()
-    def extend(self, chunks: list[list[int]], targets: list[tuple[int, ...]] | None = None
-               ) -> np.ndarray | None:
-        """Append ``chunks[i]`` (non-empty) to row i; update the cache and next-token log-probs.
+    def _take_back(self, chunks: list, back) -> tuple[list, torch.Tensor]:
+        """Mask out each row's last ``back[i]`` tokens and the one before them, which is put back
+        in front of the row's chunk: run again, its logits score the chunk's first token."""
+        gone = torch.as_tensor(back, dtype=torch.long, device=self.device)
+        gone = torch.where(gone > 0, gone + 1, 0)
+        real = self.mask.bool()
+        rank = self.mask.flip(1).cumsum(1).flip(1)  # 1 at a row's last real token, 2 before it, ...
+        again = ((self.ids * (real & (rank == gone[:, None]))).sum(1)).tolist()
+        self.mask = self.mask.masked_fill(real & (rank <= gone[:, None]), 0)
+        self.length = self.length - gone
+        rerun = gone > 0
+        return [[again[i]] + list(c) if r else list(c) for i, (c, r) in enumerate(zip(chunks, rerun.tolist()))], rerun
 
-        With ``targets``, also return log p(targets[i] | the row's context before the call),
-        where each chunk continues its target: ``targets[i][:len(chunks[i])]`` is a prefix of
-        ``chunks[i]``, and a target may be one token longer than its chunk (its last token is
-        then read off the new next-token log-probs, without running it).
+    @torch.inference_mode()
+    def extend(self, chunks: list, targets: list[tuple[int, ...]] | None = None, back=None
+               ) -> np.ndarray | None:
+        """Append ``chunks[i]`` (non-empty) to row i, after taking back its last ``back[i]``
+        tokens (none without ``back``); update the cache and next-token log-probs.
+
+        With ``targets``, also return log p(targets[i] | row i's context after the take-back),
+        where ``targets[i][:-1]`` is a prefix of ``chunks[i]``: each target token is scored on the
+        logits of the token before it, so the last one may differ from the chunk's or lie
+        beyond it (read off the new next-token log-probs, without running it).
         """
+        rerun = torch.zeros(len(chunks), dtype=torch.bool, device=self.device)
+        if back is not None and any(back):
+            chunks, rerun = self._take_back(chunks, back)
         ids, new_mask, n = _pad(chunks, self.device)
         col = torch.arange(ids.shape[1], device=self.device)[None, :]
         last = col == (n - 1)[:, None]
         scored = torch.zeros_like(last)
-        if targets is not None:  # position j predicts target token j + 1
-            k = torch.as_tensor([len(x) - 1 for x in targets], device=self.device)
-            scored = col < k[:, None]
-            tgt, _, _ = _pad([list(x[1:]) or [0] for x in targets], self.device)
-            tgt = torch.nn.functional.pad(tgt, (0, ids.shape[1] - tgt.shape[1]))
+        if targets is not None:  # chunk position j scores tails[j]: the target after its first token,
+            again = rerun.tolist()  # or all of it behind a token run again
+            tails = [list(x) if r else list(x[1:]) for x, r in zip(targets, again)]
+            scored = col < torch.as_tensor([len(x) for x in tails], device=self.device)[:, None]
+            tgt, _, _ = _pad([x or [0] for x in tails], self.device)
+            tgt = torch.nn.functional.pad(tgt, (0, max(0, ids.shape[1] - tgt.shape[1])))
         keep = last | scored
         pos = _positions(self.length, new_mask)
         self.mask = torch.cat([self.mask, new_mask], dim=1)
+        self.ids = torch.cat([self.ids, ids], dim=1)
         out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos,
                          cache=self.cache, use_cache=True, logits_to_keep=keep)
         logits = out.logits if out.logits.dim() == 2 else out.logits[keep]
@@ -136,8 +284,11 @@ class Context:
         flat = (torch.cumsum(keep.flatten(), 0) - 1).view(keep.shape)  # row of `logp` per position
         result = None
         if targets is not None:
-            first = torch.as_tensor([x[0] for x in targets], device=self.device)
-            total = self.next_logp[torch.arange(len(n), device=self.device), first].double()
+            total = torch.zeros(len(chunks), dtype=torch.float64, device=self.device)
+            cached = (~rerun).nonzero(as_tuple=True)[0]
+            if len(cached):
+                first = torch.as_tensor([targets[i][0] for i in cached.tolist()], device=self.device)
+                total[cached] = self.next_logp[cached, first].double()
             r, c = scored.nonzero(as_tuple=True)
             picked = logp[flat[r, c], tgt[r, c]].double()
             result = total.index_add(0, r, picked).cpu().numpy()
@@ -146,14 +297,16 @@ class Context:
         self.length = self.length + n
         return result
 
-    def score(self, candidates: list[list[tuple[int, ...]]]) -> tuple[list[np.ndarray], "Context"]:
-        """log p(candidate | row) for each row's candidate token sequences (not renormalised),
+    def score(self, candidates: list[list[tuple[int, ...]]], back=None) -> tuple[list[np.ndarray], "Context"]:
+        """log p(candidate | row) for each row's candidate token sequences, after taking back
+        ``back[i]`` tokens of row i (not renormalised: with a take-back, up to a constant per row),
         and the context of every (row, candidate) continued by that candidate, flattened."""
-        rows = np.repeat(np.arange(len(candidates)), [len(c) for c in candidates])
+        counts = [len(c) for c in candidates]
+        rows = np.repeat(np.arange(len(candidates)), counts)
         flat = [list(c) for cands in candidates for c in cands]
         branch = self.take(rows)
-        out = branch.extend(flat, targets=flat)
-        bounds = np.cumsum([0] + [len(c) for c in candidates])
+        out = branch.extend(flat, targets=flat, back=None if back is None else np.repeat(back, counts))
+        bounds = np.cumsum([0] + counts)
         return [out[a:b] for a, b in zip(bounds[:-1], bounds[1:])], branch
 
 
@@ -186,20 +339,23 @@ def check_finite(logp: np.ndarray) -> None:
 
 
 def score_contexts(model, contexts: list[list[int]], candidates: list[list[tuple[int, ...]]],
-                   temperature: float = 1.0, batch_size: int = 256) -> list[np.ndarray]:
-    """Renormalised log pi(a | context) for each context's candidates, ``batch_size`` at a time."""
+                   back: list[int], temperature: float = 1.0, batch_size: int = 256) -> list[np.ndarray]:
+    """Renormalised log pi(a | context) for each context's candidates (after taking back
+    ``back[i]`` tokens of context i), ``batch_size`` at a time."""
     out = []
     for lo in range(0, len(contexts), batch_size):
         ctx = Context(model, len(contexts[lo:lo + batch_size]), temperature)
         ctx.extend(contexts[lo:lo + batch_size])
-        out.extend(renormalise(x) for x in ctx.score(candidates[lo:lo + batch_size])[0])
+        out.extend(renormalise(x) for x in ctx.score(candidates[lo:lo + batch_size], back[lo:lo + batch_size])[0])
     return out
 
 
-def action_logprobs(loaded, task: Task, prompts: list[str], states: list[int],
-                    temperature: float = 1.0, batch_size: int = 256) -> list[np.ndarray]:
-    """log pi(a | prompt) over the legal actions of ``states[i]`` (in ``task.actions_of`` order)."""
-    codec = Codec(loaded.tokenizer, task)
-    contexts = [codec.encode(p) for p in prompts]
-    candidates = [[codec.actions[a] for a in task.actions_of(s)] for s in states]
-    return score_contexts(loaded.model, contexts, candidates, temperature, batch_size)
+def action_logprobs(loaded, task: Task, histories: list[tuple[list[int], list[int]]], goal: str = "success",
+                    layout: Layout = Layout(), temperature: float = 1.0, batch_size: int = 256) -> list[np.ndarray]:
+    """log pi(a | history) over the legal actions of each history's last state (in
+    ``task.actions_of`` order); a history is (states, actions), one fewer action than states."""
+    codec = Codec(loaded.tokenizer, task, layout, goal)
+    contexts = [codec.prompt(states, actions) for states, actions in histories]
+    choices = [codec.choices(states[-1], len(states) - 1) for states, _ in histories]
+    return score_contexts(loaded.model, contexts, [c for _, c in choices], [b for b, _ in choices],
+                          temperature, batch_size)

@@ -5,8 +5,8 @@ Because the transcript shows the whole history, the LM policy is a policy over h
 batched), scores them (lmcoh.lm.scoring), and aggregates pi(.|h) into one distribution per
 (step, state), weighting each history by its probability under the LM and the dynamics;
 beyond ``max_histories`` it estimates the same table by Monte Carlo with confidence
-intervals. ``mode="markov"`` prompts show only the current state and step, so the policy is
-Markov and one prompt per (step, state) suffices.
+intervals. Markov prompts (a `Layout` with ``mode="markov"``) show only the current state and
+step, so the policy is Markov and one prompt per (step, state) suffices.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from .. import faults
 from ..oracle import exact
 from ..tasks.task import Task, _ranges
 from .rollout import rollout
-from .scoring import Codec, Context, check_finite, score_contexts
-from .text import goal_prefix
+from .scoring import ActionTokens, Codec, Context, check_finite, score_contexts
+from .text import Layout
 
 @dataclass
 class LMPolicy:
@@ -31,7 +31,7 @@ class LMPolicy:
     visit count under Monte Carlo); ``ci[t]`` the 95% half-width of each action probability
     (zeros when exact). ``success`` is the LM's own success probability (over histories, so
     it can differ from ``exact.success`` of the aggregated table for history prompts).
-    ``action_tokens[a]`` are the token ids of action a's chunk, for token-level incoherence.
+    ``action_tokens[a]`` are the tokens the model reads for action a, for token-level incoherence.
     """
 
     policy: exact.Policy
@@ -40,7 +40,7 @@ class LMPolicy:
     exact: bool
     success: float
     success_ci: float
-    action_tokens: list[tuple[int, ...]]
+    action_tokens: ActionTokens
     ci: list[np.ndarray] = field(default_factory=list)
     episodes: int = 0
 
@@ -61,34 +61,30 @@ def count_histories(task: Task) -> int:
 
 
 def tabulate(loaded, task: Task, goal: str = "success", temperature: float = 1.0,
-             mode: str = "history", max_histories: int = 200_000, *, batch_size: int = 256,
+             layout: Layout = Layout(), max_histories: int = 200_000, *, batch_size: int = 256,
              mc_episodes: int = 4000, seed: int = 0, progress: bool = False) -> LMPolicy:
     """The LM policy over every reachable history, aggregated per (step, state)."""
-    goal_prefix(goal)
-    codec = Codec(loaded.tokenizer, task, mode)
-    if mode == "markov":
-        return _tabulate_markov(loaded.model, task, goal, codec, temperature, batch_size)
+    codec = Codec(loaded.tokenizer, task, layout, goal)
+    if layout.mode == "markov":
+        return _tabulate_markov(loaded.model, task, codec, temperature, batch_size)
     n = count_histories(task)
     if n > max_histories:
-        return _monte_carlo(loaded, task, goal, temperature, mode, n, mc_episodes, seed,
+        return _monte_carlo(loaded, task, goal, temperature, layout, n, mc_episodes, seed,
                             batch_size, progress, codec)
-    return _tabulate_histories(loaded.model, task, goal, codec, temperature, batch_size, n)
+    return _tabulate_histories(loaded.model, task, codec, temperature, batch_size, n)
 
 
-def _candidates(task: Task, codec: Codec, states: np.ndarray) -> list[list[tuple[int, ...]]]:
-    return [[codec.actions[a] for a in task.actions_of(int(s))] for s in states]
-
-
-def _tabulate_markov(model, task, goal, codec, temperature, batch_size) -> LMPolicy:
+def _tabulate_markov(model, task, codec, temperature, batch_size) -> LMPolicy:
     policy = []
     for t, layer in enumerate(task.layers):
-        contexts = [codec.prompt(goal, [int(s)] * (t + 1), []) for s in layer.states]
-        logp = score_contexts(model, contexts, _candidates(task, codec, layer.states),
+        contexts = [codec.prompt([int(s)] * (t + 1), []) for s in layer.states]
+        choices = codec.choices_of(layer.states, t)
+        logp = score_contexts(model, contexts, [c for _, c in choices], [b for b, _ in choices],
                               temperature, batch_size)
         policy.append(np.exp(np.concatenate(logp)))
     occ = exact.occupancy(task, policy)
     return LMPolicy(policy, occ, sum(len(layer.states) for layer in task.layers), True,
-                    exact.success(task, policy), 0.0, codec.actions,
+                    exact.success(task, policy), 0.0, codec.action_tokens,
                     [np.zeros_like(p) for p in policy])
 
 
@@ -100,8 +96,8 @@ class _Tabulation:
     of every history is run once, and all histories of one step go through in large batches.
     """
 
-    def __init__(self, model, task: Task, goal: str, codec: Codec, temperature: float, batch_size: int):
-        self.model, self.task, self.goal, self.codec = model, task, goal, codec
+    def __init__(self, model, task: Task, codec: Codec, temperature: float, batch_size: int):
+        self.model, self.task, self.codec = model, task, codec
         self.temperature, self.batch_size = temperature, batch_size
         self.mass = [np.zeros(len(layer.actions)) for layer in task.layers]
         self.visits = [np.zeros(len(layer.states)) for layer in task.layers]
@@ -121,7 +117,7 @@ class _Tabulation:
         for lo in range(0, len(start), self.batch_size):
             s = start[lo:lo + self.batch_size]
             ctx = Context(self.model, len(s), self.temperature)
-            ctx.extend([self.codec.prompt(self.goal, [int(x)], []) for x in s])
+            ctx.extend([self.codec.prompt([int(x)], []) for x in s])
             self._expand(0, ctx, s, np.log(task.start_prob[s]), np.zeros(len(s)))
             faults.point("evaluate")
 
@@ -143,15 +139,28 @@ class _Tabulation:
         row_pair = np.concatenate([tr_pair[live], np.flatnonzero(lonely)])
         row_next = np.concatenate([nxt[live], np.full(int(lonely.sum()), -1)])
         row_tau = np.concatenate([task.trans_prob[tr[live]], np.ones(int(lonely.sum()))])
-        action_ids = [self.codec.actions[a] for a in pair_act]
+        # every action as the model reads it after its state (taking back `back` tokens of the state),
+        # then the next state's tokens after the action (taking back `follow` tokens of the action)
+        choices = self.codec.choices_of(cur, t)
+        pair_back = np.repeat([b for b, _ in choices], hi_a - lo_a)
+        action_ids = [chunk for _, chunks in choices for chunk in chunks]
         pair_logp = np.zeros(len(pair_act))
         groups = []
         for g in range(0, len(row_pair), self.batch_size):
             pairs, nexts = row_pair[g:g + self.batch_size], row_next[g:g + self.batch_size]
-            chunks = [list(action_ids[p]) + self.codec.state(int(n), t + 1) if n >= 0
-                      else list(action_ids[p][:-1] or action_ids[p]) for p, n in zip(pairs, nexts)]
+            live_rows = np.flatnonzero(nexts >= 0)
+            follows = dict(zip(live_rows.tolist(), self.codec.follow_of(pair_act[pairs[live_rows]], nexts[live_rows],
+                                                                        t + 1)))
+            chunks = []
+            for i, p in enumerate(pairs):
+                ids = action_ids[p]
+                if i in follows:
+                    back, state = follows[i]
+                    chunks.append(list(ids[:len(ids) - back]) + list(state))
+                else:
+                    chunks.append(list(ids[:-1] or ids))
             child = ctx.take(pair_row[pairs])
-            pair_logp[pairs] = child.extend(chunks, targets=[action_ids[p] for p in pairs])
+            pair_logp[pairs] = child.extend(chunks, targets=[action_ids[p] for p in pairs], back=pair_back[pairs])
             groups.append((child, pairs, nexts, row_tau[g:g + self.batch_size]))
         check_finite(pair_logp)
         # renormalise over each history's actions; aggregate by visit weight
@@ -188,17 +197,17 @@ class _Tabulation:
             visit = np.repeat(self.visits[t], counts)
             with np.errstate(invalid="ignore", divide="ignore"):
                 policy.append(np.where(visit > 0, self.mass[t] / visit, 1.0 / np.repeat(counts, counts)))
-        return LMPolicy(policy, self.visits, n_histories, True, self.success, 0.0, self.codec.actions,
+        return LMPolicy(policy, self.visits, n_histories, True, self.success, 0.0, self.codec.action_tokens,
                         [np.zeros_like(p) for p in policy])
 
 
-def _tabulate_histories(model, task, goal, codec, temperature, batch_size, n_histories) -> LMPolicy:
-    walk = _Tabulation(model, task, goal, codec, temperature, batch_size)
+def _tabulate_histories(model, task, codec, temperature, batch_size, n_histories) -> LMPolicy:
+    walk = _Tabulation(model, task, codec, temperature, batch_size)
     walk.run()
     return walk.result(n_histories)
 
 
-def _monte_carlo(loaded, task, goal, temperature, mode, n_histories, episodes, seed,
+def _monte_carlo(loaded, task, goal, temperature, layout, n_histories, episodes, seed,
                  batch_size, progress, codec) -> LMPolicy:
     """Estimate the aggregated table from sampled episodes, averaging the exact pi(.|h)."""
     total = [np.zeros(len(layer.actions)) for layer in task.layers]
@@ -207,7 +216,7 @@ def _monte_carlo(loaded, task, goal, temperature, mode, n_histories, episodes, s
     where = [{int(s): i for i, s in enumerate(layer.states)} for layer in task.layers]
     success = []
     for episode, dists in rollout(loaded, task, episodes, goal=goal, seed=seed,
-                                  temperature=temperature, batch_size=batch_size, mode=mode,
+                                  temperature=temperature, batch_size=batch_size, layout=layout,
                                   progress=progress, codec=codec):
         success.append(episode.success_prob)
         for t, (s, dist) in enumerate(zip(episode.states, dists)):
@@ -227,5 +236,5 @@ def _monte_carlo(loaded, task, goal, temperature, mode, n_histories, episodes, s
         ci.append(1.96 * np.sqrt(np.maximum(var, 0.0) / np.maximum(n, 1)))
     success = np.asarray(success)
     half = 1.96 * float(success.std(ddof=1)) / math.sqrt(len(success)) if len(success) > 1 else math.inf
-    return LMPolicy(policy, visits, n_histories, False, float(success.mean()), half, codec.actions,
+    return LMPolicy(policy, visits, n_histories, False, float(success.mean()), half, codec.action_tokens,
                     ci, episodes)

@@ -1,9 +1,11 @@
 """Supervised fine-tuning on episode transcripts, through TRL's `SFTTrainer`.
 
 One function serves both pretraining the prior (a full model or an adapter) and
-self-training rounds: examples are prompt/completion pairs, the prompt being the goal token
-and the completion the transcript, so the loss falls on the transcript only. Launched under
-``torchrun`` or ``accelerate launch``, the Trainer runs data-parallel by itself.
+self-training rounds. Examples are transcripts already tokenised as the model reads them
+(`lmcoh.lm.scoring.Codec.episode`, so training and scoring see the same tokens in every text
+format) with a mask of the actions' tokens, given to TRL as its ``completion_mask``: the loss
+falls on the actions the policy writes, not on the states the environment writes. Launched
+under ``torchrun`` or ``accelerate launch``, the Trainer runs data-parallel by itself.
 
 The trainer settings are TRL's own `SFTConfig`. `SFT_DEFAULTS` lists the few whose defaults
 lmcoh changes for small policy models on a CPU (TRL does the same to `TrainingArguments`);
@@ -42,7 +44,7 @@ def sft_defaults() -> dict:
         "bf16": _bf16_available(),         # TRL's default True refuses to start on a CPU
         "gradient_checkpointing": False,   # tiny models: memory is not the constraint
         "activation_checkpointing": False,
-        "completion_only_loss": True,      # the loss falls on the transcript, not the goal token
+        "completion_only_loss": True,      # the loss falls on the actions' tokens (the completion mask)
         "max_length": None,                # never truncate an episode
         "optim": "adamw_torch",
         "dataloader_pin_memory": cuda,
@@ -63,9 +65,27 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def train_sft(model, tokenizer, prompts: list[str], completions: list[str], args, *,
+def episode_examples(tokenizer, task, layout, episodes) -> list[tuple[list[int], list[int]]]:
+    """Training examples from ``(goal, episode)`` pairs: each transcript in ``layout`` under its
+    goal (history prompts, whatever the layout's mode), tokenised as the model reads it, with
+    the mask of its actions' tokens."""
+    from dataclasses import replace
+
+    from .scoring import Codec
+
+    codecs = {}
+    out = []
+    for goal, episode in episodes:
+        if goal not in codecs:
+            codecs[goal] = Codec(tokenizer, task, replace(layout, mode="history"), goal)
+        out.append(codecs[goal].episode(episode.states, episode.actions))
+    return out
+
+
+def train_sft(model, tokenizer, examples: list[tuple[list[int], list[int]]], args, *,
               average_last: float = 0.0) -> dict:
-    """Train ``model`` in place on ``prompt + completion`` with the loss on the completions.
+    """Train ``model`` in place on ``examples`` (token ids, loss mask) with the loss on the masked
+    tokens (`episode_examples`).
 
     ``args`` is the `SFTConfig`, used as given. With ``average_last`` > 0 the trained weights
     end as the running mean of the weights over that final share of the steps (tail
@@ -76,7 +96,9 @@ def train_sft(model, tokenizer, prompts: list[str], completions: list[str], args
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTTrainer
 
-    data = datasets.Dataset.from_dict({"prompt": list(prompts), "completion": list(completions)})
+    data = datasets.Dataset.from_dict({"input_ids": [ids for ids, _ in examples],
+                                       "completion_mask": [mask for _, mask in examples]})
+    expose_head_bias(model)
     was_on = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
@@ -122,6 +144,20 @@ class Divergence(TrainerCallback):
         where = f"non-finite weights after step {self.step}" if self.step is not None else "non-finite loss"
         raise ModelError(f"training diverged ({where}); the learning rate ({args.learning_rate:g}) is the likely "
                          "cause: lower --learning_rate or --max_grad_norm")
+def expose_head_bias(model) -> None:
+    """Let TRL's fused loss read the output layer's bias through peft's trainable-token wrapper.
+
+    SFTTrainer computes the loss with a fused LM head that reads ``lm_head.weight`` and
+    ``lm_head.bias``. With ``trainable_token_indices`` peft wraps the output layer (tied or not)
+    in a `TrainableTokensWrapper`, whose ``weight`` is the layer's weight with the trained rows
+    in place, but which has no ``bias`` (AttributeError, known upstream). The wrapper gets its
+    original layer's bias (usually None) as a plain attribute, not a second parameter.
+    """
+    from peft.utils.other import TrainableTokensWrapper
+
+    head = model.get_output_embeddings()
+    if isinstance(head, TrainableTokensWrapper) and "bias" not in vars(head):
+        object.__setattr__(head, "bias", head.original_module.bias)
 
 
 class TailAverage(TrainerCallback):

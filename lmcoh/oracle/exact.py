@@ -115,8 +115,9 @@ def temperature_policy(task: Task, alpha: float, prior: Policy | None = None) ->
     return _condition(task, prior, soft_values(task, prior, reward_scale=alpha)[0])
 
 
-def sequence(task: Task, kind: str, steps: int) -> list[Policy]:
-    """Policies k = 0..steps of one optimisation-pressure sequence (Section 5).
+def sequence(task: Task, kind: str, steps: int, prior: Policy | None = None) -> list[Policy]:
+    """Policies k = 0..steps of one optimisation-pressure sequence (Section 5), starting from
+    ``prior`` (default: the task's prior; e.g. a language model's own unconditioned policy).
 
     retrain:     pi_0 = p, pi_{k+1} = G(pi_k)
     temperature: pi_alpha with alpha = k
@@ -124,7 +125,7 @@ def sequence(task: Task, kind: str, steps: int) -> list[Policy]:
     fold_ratio:  the corrected fold, r_{k+1} = r_0 + log(pi^F_{k+1} / p) (equals retrain for any prior)
     cumulative:  Def 5.8: r_{k+1} = r_k + log pi^H_{k+1}
     """
-    p = prior_policy(task)
+    p = prior_policy(task) if prior is None else prior
     if kind == "retrain":
         out = [p]
         for _ in range(steps):

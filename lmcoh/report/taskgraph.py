@@ -127,7 +127,7 @@ class _Full:
         for t, layer in enumerate(task.layers):
             flow = layer.by_state.repeat(self.occ[t]) * policy[t]
             into = layer.by_action.repeat(flow) * np.exp(layer.trans_logp)
-            ending = task.terminal[layer.trans_next] | (t == task.horizon - 1)
+            ending = task.terminal[layer.trans_next] | (t == task.steps - 1)
             states, where = np.unique(layer.trans_next[ending], return_inverse=True)
             self.ends.append((states, np.bincount(where, weights=into[ending], minlength=len(states))))
             owner = layer.states[layer.seg[layer.by_action.repeat(np.arange(len(layer.actions)))]]
@@ -143,7 +143,7 @@ class _Full:
         self.keys = task.policy_keys()
 
     def is_decision(self, c: int, s: int) -> bool:
-        return c < self.task.horizon and not self.task.terminal[s]
+        return c < self.task.steps and not self.task.terminal[s]
 
     def index(self, c: int, s: int) -> int:
         """Where (c, s) stands in its column's decision states or ends."""
@@ -221,7 +221,7 @@ def _columns(full: _Full, kept: set[tuple[int, int]]) -> list[list[int]]:
     """The kept states of each column, in the order their parents first reach them (so that
     a tree is drawn without crossings)."""
     columns = [[s for c, s in full.roots() if (c, s) in kept]]
-    for c in range(full.task.horizon):
+    for c in range(full.task.steps):
         order = dict.fromkeys(n for s in columns[c] if full.is_decision(c, s)
                               for _, _, succ in full.actions(c, s) for n, _ in succ if (c + 1, n) in kept)
         columns.append(list(order))
@@ -475,10 +475,11 @@ def _number(spec: str, text: str, kind: type) -> int | float:
 
 
 def _lm_policy(task: Task, directory: str) -> tuple[str, exact.Policy]:
-    from ..lm.model import check_task_fits, load_model  # torch: only for an LM policy
+    from ..lm.model import check_task_fits, load_model, model_layout  # torch: only for an LM policy
     from ..lm.tabulate import tabulate
 
     loaded = load_model(directory)
-    check_task_fits(loaded, task)
-    lm = tabulate(loaded, task, "success", mode=loaded.meta.get("prompt_mode", "history"))
+    layout = model_layout(loaded.meta)
+    check_task_fits(loaded, task, layout)
+    lm = tabulate(loaded, task, "success", layout=layout)
     return f"LM {directory} prompted with <success>", lm.policy

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LmcohError, RunError
-from ..lm.pretrain import PretrainConfig
+from ..lm.pretrain import DEFAULTS
+from ..lm.text import FORMATS, PROMPT_MODES
 
 MODES = ("filter", "label")
-PROMPT_MODES = ("history", "markov")
 
 
 def _help(text: str, **extra) -> dict:
@@ -49,14 +49,19 @@ class SelfTrainArguments:
     prompt: str = field(default="history", metadata=_help(
         "Prompt mode: history (the whole transcript) or markov (current state and step only).",
         choices=PROMPT_MODES))
+    format: str = field(default="", metadata=_help(
+        "Text format: compact, natural or chat (the tokenizer's chat template); empty: the model's own "
+        "(compact for the built-in prior).", choices=("", *FORMATS)))
+    goal_text: str | None = field(default=None, metadata=_help(
+        "A statement of the success goal written in place of the <success> token; unset: the model's own."))
     sample_batch_size: int = field(default=256, metadata=_help("Episodes sampled in one batch."))
     global_batch_size: int = field(default=64, metadata=_help(
         "Sequences per optimiser step over all processes: each round sets per_device_train_batch_size to "
         "global_batch_size / (processes x gradient_accumulation_steps), so any number of processes takes "
         "the same steps. 0: use per_device_train_batch_size as given."))
-    pretrain_episodes: int = field(default=PretrainConfig.episodes, metadata=_help(
+    pretrain_episodes: int = field(default=DEFAULTS["built-in"]["episodes"], metadata=_help(
         "Episodes to pretrain the built-in prior on (when model_name_or_path is empty)."))
-    pretrain_epochs: float = field(default=PretrainConfig.epochs, metadata=_help(
+    pretrain_epochs: float = field(default=DEFAULTS["built-in"]["epochs"], metadata=_help(
         "Epochs to pretrain the built-in prior for."))
     delta: float = field(default=1.0, metadata=_help("Incoherence temperature delta."))
     max_histories: int = field(default=200_000, metadata=_help(
@@ -81,7 +86,7 @@ class SelfTrainArguments:
             _check("memory_limit_gb", self.memory_limit_gb, lambda v: v > 0 and math.isfinite(v), "must be positive")
         for name in ("pretrain_epochs", "delta"):
             _check(name, getattr(self, name), lambda v: v > 0 and math.isfinite(v), "must be positive")
-        for name, options in (("mode", MODES), ("prompt", PROMPT_MODES)):
+        for name, options in (("mode", MODES), ("prompt", PROMPT_MODES), ("format", ("", *FORMATS))):
             if getattr(self, name) not in options:
                 raise RunError(f"{name} must be one of {', '.join(options)}, got {getattr(self, name)!r}")
 

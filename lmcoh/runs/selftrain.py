@@ -60,7 +60,8 @@ def check_inputs(args, sft, model_args) -> Task:
     if out.exists() and not out.is_dir():
         raise RunError(f"output_dir {out} exists and is not a directory")
     if model_args.model_name_or_path:
-        check_task_fits(evaluated_model(model_args.model_name_or_path, None, 0, model_init_kwargs(model_args)), task)
+        given = evaluated_model(model_args.model_name_or_path, None, 0, model_init_kwargs(model_args))
+        check_task_fits(given, task, layout(args, given.meta))
     return task
 
 
@@ -128,19 +129,20 @@ def tensorboard_dir(sft, run: RunDirectory, k: int):
                 os.environ["TENSORBOARD_LOGGING_DIR"] = saved
 
 
-def training_texts(task: Task, episodes, mode: str) -> tuple[list[str], list[str]]:
-    """(prompts, completions) for SFT: the goal token as prompt, the transcript as completion.
+def layout(args, meta: dict) -> text.Layout:
+    """The layout of the run: its format, prompt mode and goal text, else the model's own."""
+    from ..lm.model import model_layout
 
-    ``filter`` keeps successful episodes under ``<success>``; ``label`` keeps every episode
-    under its own outcome token. The completion is what the loss is computed on.
-    """
-    prompts, completions = [], []
-    for ep in episodes:
-        if mode == "filter" and not ep.success:
-            continue
-        prompts.append(text.goal_prefix("success" if ep.success else "failure"))
-        completions.append(text.episode_text(task, "none", ep.states, ep.actions))
-    return prompts, completions
+    return model_layout(meta, args.format or None, args.prompt, args.goal_text)
+
+
+def training_examples(tokenizer, task: Task, layout: text.Layout, episodes, mode: str) -> list:
+    """SFT examples (`lmcoh.lm.training.episode_examples`): ``filter`` keeps successful episodes
+    under the goal ``success``; ``label`` keeps every episode under its own outcome."""
+    from ..lm.training import episode_examples
+
+    kept = [("success" if ep.success else "failure", ep) for ep in episodes if ep.success or mode == "label"]
+    return episode_examples(tokenizer, task, layout, kept)
 
 
 def round_model(base: str, run: RunDirectory, k: int, model_args, init_kwargs: dict):
@@ -174,7 +176,7 @@ def evaluated_model(base: str, run: RunDirectory, k: int, init_kwargs: dict):
     return load_model(str(saved), **init_kwargs)
 
 
-def evaluate_round(args, loaded, task: Task, target: exact.Policy, seed: int) -> dict:
+def evaluate_round(args, loaded, task: Task, layout: text.Layout, target: exact.Policy, seed: int) -> dict:
     """Tabulate the success-prompted model and compare it with the exact ``target`` G^(k+1)(p).
 
     Returns ``{"metrics": ..., "eval": ...}``: the metrics.jsonl values, and the full
@@ -184,7 +186,7 @@ def evaluate_round(args, loaded, task: Task, target: exact.Policy, seed: int) ->
     from ..lm.metrics import report
     from ..lm.tabulate import tabulate
 
-    lm = tabulate(loaded, task, "success", mode=args.prompt, max_histories=args.max_histories,
+    lm = tabulate(loaded, task, "success", layout=layout, max_histories=args.max_histories,
                   batch_size=args.sample_batch_size, mc_episodes=args.eval_episodes, seed=seed)
     detail = report(task, lm, "success", args.delta)
     metrics = {"success": detail["success"], "incoherence": detail["incoherence"],
@@ -216,7 +218,7 @@ def metrics_line(k: int, evaluation: dict, episodes: list, kept: int,
     return io.jsonable(line)
 
 
-def write_round(run: RunDirectory, k: int, task: Task, loaded, episodes: list, line: dict,
+def write_round(run: RunDirectory, k: int, task: Task, layout: text.Layout, loaded, episodes: list, line: dict,
                 detail: dict) -> None:
     """Write round k into rounds/.tmp-k, rename it to rounds/k, rebuild metrics.jsonl."""
     from ..lm.model import save_model
@@ -225,7 +227,8 @@ def write_round(run: RunDirectory, k: int, task: Task, loaded, episodes: list, l
     if k > 0:
         save_model(loaded.model, loaded.tokenizer, tmp / "model",
                    {**loaded.meta, "selftrain": {"round": k, "task": task.name}})
-        io.write_jsonl(tmp / "episodes.jsonl", [text.episode_record(task, ep) for ep in episodes])
+        writer = text.Writer(task, layout, loaded.tokenizer)
+        io.write_jsonl(tmp / "episodes.jsonl", [text.episode_record(writer, ep) for ep in episodes])
     faults.point("write_round")
     io.write_json(tmp / "eval.json", detail)
     io.write_json(tmp / "metrics.json", line)

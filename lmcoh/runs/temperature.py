@@ -257,7 +257,7 @@ def lm_methods(cfg: TemperatureArguments, task: Task, st_dir: Path, init_kwargs:
     """The language models of a finished self-training run as `Methods`, the K they reach, and
     where they came from. k = 0: the prior with no goal (p); k = 1: the prior prompted with
     ``<success>`` (G(p), no retraining needed); k >= 2: round k-1's model prompted with ``<success>``."""
-    from ..lm.model import check_task_fits
+    from ..lm.model import check_task_fits, model_layout
     from ..lm.rollout import sample_episodes
     from ..lm.tabulate import tabulate
     from .selftrain import evaluated_model
@@ -265,19 +265,19 @@ def lm_methods(cfg: TemperatureArguments, task: Task, st_dir: Path, init_kwargs:
     run = RunDirectory(st_dir)
     saved = yaml.safe_load((run.path / "config.yaml").read_text()) or {}
     base = saved.get("model_name_or_path") or str(run.path / "prior")
-    mode = saved.get("prompt", "history")
     seed = saved.get("seed", 0)
     rounds = run.complete_rounds()
     K = min(cfg.rounds, len(rounds) - 1) + 1
     prior = evaluated_model(base, run, 0, init_kwargs)
-    check_task_fits(prior, task)
+    layout = model_layout(prior.meta, saved.get("format") or None, saved.get("prompt"), saved.get("goal_text"))
+    check_task_fits(prior, task, layout)
 
     def table(loaded, goal: str, temperature: float = 1.0) -> tuple[exact.Policy, float]:
-        lm = tabulate(loaded, task, goal, temperature, mode, cfg.max_histories, seed=seed)
+        lm = tabulate(loaded, task, goal, temperature, layout, cfg.max_histories, seed=seed)
         return lm.policy, lm.success
 
     def sample(n: int, seed: int) -> list:
-        return sample_episodes(prior, task, n, goal="none", seed=seed, mode=mode,
+        return sample_episodes(prior, task, n, goal="none", seed=seed, layout=layout,
                                batch_size=cfg.sample_batch_size, progress=progress)
 
     @functools.cache
@@ -290,7 +290,7 @@ def lm_methods(cfg: TemperatureArguments, task: Task, st_dir: Path, init_kwargs:
         return table(evaluated_model(base, run, k - 1, init_kwargs), "success")
 
     seconds = [sum(r["sample_seconds"] + r["train_seconds"] for r in rounds[1:k]) for k in range(K + 1)]
-    source = {"prior_model": base, "selftrain_dir": str(run.path), "prompt": mode}
+    source = {"prior_model": base, "selftrain_dir": str(run.path), "prompt": layout.mode, "format": layout.format}
     return Methods(sample, retrained, logit, seconds), K, source
 
 

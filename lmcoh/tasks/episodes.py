@@ -24,7 +24,7 @@ class Episode:
     logprobs: list[float] | None
     success_prob: float
     success: bool
-    goal: str = "none"  # the goal token the episode was generated under (its text's prefix)
+    goal: str = "none"  # the goal the episode was generated under (its text is written under it)
 
     def to_json(self, task: Task) -> dict:
         return {"goal": self.goal,

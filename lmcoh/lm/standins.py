@@ -1,0 +1,163 @@
+"""Small local stand-ins for pretrained hub checkpoints, built in seconds without a network.
+
+Nothing here can download weights, so the tests and `python -m lmcoh.bench` build models of the
+two families that small hub models come in, each with its own tokenizer trained on English text
+(the docstrings of Python's standard library) and briefly pretrained on it:
+
+* ``gpt2``: `GPT2Config`, a byte-level BPE tokenizer like GPT-2's (``Ġ`` marks a leading space,
+  every byte is a token), no chat template;
+* ``llama``: `LlamaConfig`, a SentencePiece-style BPE tokenizer like Llama 2's (``▁`` marks a
+  space and one is prepended to every run of text between special tokens, so a text tokenised
+  alone differs from the same text inside a longer one; unknown characters fall back to byte
+  tokens; ``<s>`` is prepended) and a ChatML chat template.
+
+Both have about a million parameters and tied input and output embeddings, and are saved with
+``save_pretrained`` (safetensors), so they load like any hub directory.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+from pathlib import Path
+
+FAMILIES = ("gpt2", "llama")
+CHATML = ("{{ bos_token }}{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+          "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# Modules whose docstrings make the English corpus (a fixed list: the corpus is the same on every run).
+_MODULES = ("argparse", "collections", "json", "re", "textwrap", "string", "random", "statistics",
+            "pathlib", "shutil", "logging", "functools", "itertools", "dataclasses", "datetime",
+            "decimal", "fractions", "heapq", "bisect", "csv", "email.message", "http.client",
+            "urllib.parse", "unittest", "inspect", "ast", "tokenize", "pickle", "socket", "threading",
+            "contextlib", "enum", "subprocess", "os", "zipfile", "tarfile", "calendar",
+            "difflib", "pprint", "queue", "sched", "smtplib", "sqlite3", "tempfile", "uuid", "wave")
+
+
+def english_text(max_chars: int = 300_000) -> str:
+    """Paragraphs of English from the standard library's docstrings, one per line."""
+    paragraphs, size = [], 0
+    for name in _MODULES:
+        module = importlib.import_module(name)
+        members = [module] + [getattr(module, n) for n in sorted(vars(module)) if not n.startswith("_")]
+        for member in members:
+            doc = inspect.getdoc(member) if callable(member) or inspect.ismodule(member) else None
+            for para in (doc or "").split("\n\n"):
+                line = " ".join(para.split())
+                if len(line) > 40 and line not in paragraphs:
+                    paragraphs.append(line)
+                    size += len(line) + 1
+                    if size >= max_chars:
+                        return "\n".join(paragraphs)
+    return "\n".join(paragraphs)
+
+
+def gpt2_tokenizer(text: str, vocab_size: int = 2000):
+    """A byte-level BPE tokenizer trained on ``text``, set up like GPT-2's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(text.splitlines(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+def llama_tokenizer(text: str, vocab_size: int = 2000):
+    """A SentencePiece-style BPE tokenizer trained on ``text``, set up like Llama 2's (legacy
+    leading space, byte fallback, ``<s>`` prepended) with a ChatML chat template."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    bpe.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    bpe.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 256, special_tokens=specials, show_progress=False)
+    bpe.train_from_iterator(text.splitlines(), trainer)
+    spec = json.loads(bpe.to_str())  # add the 256 byte tokens that byte fallback writes
+    vocab = spec["model"]["vocab"]
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    bpe = Tokenizer.from_str(json.dumps(spec))
+    bpe.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def new_model(family: str, tokenizer, seed: int = 0, hidden_size: int = 128, num_layers: int = 4,
+              initializer_range: float = 0.1):
+    """A freshly initialised (seeded) model of ``family`` sized for ``tokenizer``, about 1M parameters.
+
+    The initialisation is wider than the families' 0.02: a model this small, trained this briefly,
+    would otherwise keep embeddings too short for confident predictions, which LoRA (leaving the
+    embeddings and norms frozen) could never reach; real checkpoints have grown theirs."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "initializer_range": initializer_range}
+    if family == "gpt2":
+        config = GPT2Config(vocab_size=len(tokenizer), n_positions=1024, n_embd=hidden_size, n_layer=num_layers,
+                            n_head=4, **ids)
+        cls = GPT2LMHeadModel
+    elif family == "llama":
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
+                             num_attention_heads=4, num_key_value_heads=4, intermediate_size=int(2.7 * hidden_size),
+                             max_position_embeddings=1024, tie_word_embeddings=True, **ids)
+        cls = LlamaForCausalLM
+    else:
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return cls(config)
+
+
+def train_on_text(model, tokenizer, text: str, steps: int = 400, batch_size: int = 16, length: int = 64,
+                  learning_rate: float = 3e-3, seed: int = 0) -> float:
+    """Next-token training on random windows of ``text``; returns the last step's loss."""
+    import torch
+
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    gen = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    warmup = max(1, steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / warmup, 1.0 - (step - warmup) / (steps - warmup)))
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - length, (batch_size,), generator=gen)
+        batch = torch.stack([ids[s:s + length] for s in starts.tolist()])
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+    model.eval()
+    return float(loss.detach())
+
+
+def build(family: str, out_dir: str | Path, seed: int = 0, steps: int = 400, text: str | None = None) -> Path:
+    """Build, briefly pretrain and save a stand-in of ``family`` into ``out_dir``; returns it."""
+    import torch
+
+    text = english_text() if text is None else text
+    tokenizer = {"gpt2": gpt2_tokenizer, "llama": llama_tokenizer}[family](text)
+    model = new_model(family, tokenizer, seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        train_on_text(model, tokenizer, text, steps=steps, seed=seed)
+    from .model import quiet_hf
+
+    out = Path(out_dir)
+    with quiet_hf():
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    return out
