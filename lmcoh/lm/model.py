@@ -303,7 +303,9 @@ def add_markers(loaded: LoadedModel, seed: int = 0) -> list[int]:
     if not missing:
         return []
     old = model.get_input_embeddings().weight.shape[0]
-    tokenizer.add_tokens([AddedToken(m, special=True, normalized=False) for m in missing], special_tokens=True)
+    # lstrip: a marker takes the space before it, one token fewer per action
+    tokenizer.add_tokens([AddedToken(m, special=True, normalized=False, lstrip=True) for m in missing],
+                         special_tokens=True)
     ids = tokenizer.convert_tokens_to_ids(missing)
     if len(tokenizer) > old:  # an embedding matrix may already have spare rows
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -325,6 +327,7 @@ def lora_config(model, r: int = 16, alpha: int = 32, target_modules="all-linear"
     ``trainable_token_indices``, the embedding rows of ``new_tokens`` (input and output rows; one
     matrix when they are tied). The rest of the model's vocabulary stays frozen."""
     from peft import LoraConfig
+    from transformers.pytorch_utils import Conv1D
 
     indices = None
     if new_tokens:
@@ -334,7 +337,8 @@ def lora_config(model, r: int = 16, alpha: int = 32, target_modules="all-linear"
             names = {m: n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
             indices = {names[embed]: list(new_tokens), names[head]: list(new_tokens)}
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules,
-                      task_type="CAUSAL_LM", trainable_token_indices=indices)
+                      task_type="CAUSAL_LM", trainable_token_indices=indices,
+                      fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()))  # GPT-2's layers
 
 
 def model_layout(meta: dict, format: str | None = None, mode: str | None = None,

@@ -14,7 +14,8 @@ Two kinds of model:
 * a pretrained causal LM (``base``: a directory or hub id), conditioned with LoRA: the markers
   the text format needs (``<success>``, ``<failure>``, ``<eoa>``) are added to its tokenizer as
   special tokens, and training updates the LoRA adapter and those new embedding rows only
-  (peft's ``trainable_token_indices``); the model's own vocabulary is not retrained. The output
+  (peft's ``trainable_token_indices``), with the base's dropout off; the model's own vocabulary
+  is not retrained. The output
   directory holds the merged model: a normal Hugging Face directory with the grown tokenizer,
   which `load_model` and the recipes read like any other.
 
@@ -88,7 +89,7 @@ class PretrainConfig:
 # the stand-ins of lmcoh.lm.standins: python -m lmcoh.bench --lm).
 DEFAULTS = {
     "built-in": {"episodes": 2000, "epochs": 15.0, "learning_rate": 1e-2, "batch_size": 128, "average_last": 0.3},
-    "base": {"episodes": 1000, "epochs": 3.0, "learning_rate": 2e-3, "batch_size": 16, "average_last": 0.5},
+    "base": {"episodes": 1000, "epochs": 4.0, "learning_rate": 2e-3, "batch_size": 16, "average_last": 0.5},
 }
 
 
@@ -131,6 +132,9 @@ def _pretrain(task: Task, out: Path, config: PretrainConfig, base: str | None, f
         check_task_fits(loaded, task, layout)
         tokenizer, meta = loaded.tokenizer, dict(loaded.meta)
         meta.pop("adapter", None)
+        for module in loaded.model.modules():  # dropout in the frozen layers only adds noise to the adapter's
+            if isinstance(module, torch.nn.Dropout):  # training (measured: TV to p 0.036 -> 0.027 on GPT-2)
+                module.p = 0.0
         with torch.random.fork_rng(devices=[]):  # peft draws the LoRA weights from torch's generator
             torch.manual_seed(config.seed)
             model = add_lora(loaded.model, lora_config(loaded.model, config.lora_r, config.lora_alpha,

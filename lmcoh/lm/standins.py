@@ -40,9 +40,12 @@ def english_text(max_chars: int = 300_000) -> str:
     paragraphs, size = [], 0
     for name in _MODULES:
         module = importlib.import_module(name)
-        members = [module] + [getattr(module, n) for n in sorted(vars(module)) if not n.startswith("_")]
+        # the module and its functions and classes: not its submodules, which are its attributes
+        # only once something imported them, so the text would depend on what ran before
+        members = [module] + [getattr(module, n) for n in sorted(vars(module))
+                              if not n.startswith("_") and callable(getattr(module, n))]
         for member in members:
-            doc = inspect.getdoc(member) if callable(member) or inspect.ismodule(member) else None
+            doc = inspect.getdoc(member)
             for para in (doc or "").split("\n\n"):
                 line = " ".join(para.split())
                 if len(line) > 40 and line not in paragraphs:
