@@ -11,6 +11,7 @@ import json
 import resource
 import sys
 import time
+from pathlib import Path
 
 
 def _peak_rss_gb() -> float:
@@ -87,7 +88,7 @@ def _naive_rollouts(model, task, codec, n, seed, device) -> None:
     for _ in range(n):
         s = int(rng.choice(task.n_states, p=task.start_prob))
         states, actions = [s], []
-        for t in range(task.horizon):
+        for t in range(task.steps):
             back, cands = codec.choices(s, t)
             prompt = codec.prompt(states, actions)
             prompt = prompt[:len(prompt) - back]
@@ -202,7 +203,7 @@ def _some_histories(task, n, seed=0):
         found += frontier
         frontier = [(states + [nxt], actions + [a]) for states, actions in frontier
                     for a in task.actions_of(states[-1]) for nxt, _ in task.successors(a)
-                    if not task.terminal[nxt] and len(states) < task.horizon]
+                    if not task.terminal[nxt] and len(states) < task.steps]
     pick = np.random.default_rng(seed).choice(len(found), size=min(n, len(found)), replace=False)
     return [found[i] for i in pick]
 
@@ -250,43 +251,50 @@ def bench_base(task: str = "mountain_race", steps: int | None = None, **settings
     return {"task": task, "rows": rows, "target_met": ok}
 
 
-def bench_selftrain(config: str = "mountain_race", rounds: int = 2,
-                    extra: tuple[str, ...] = ()) -> dict:
-    """Seconds per self-training round split into sampling, training and evaluation.
+def bench_selftrain(config: str = "mountain_race", rounds: int = 2, extra: tuple[str, ...] = (),
+                    processes: tuple[int, ...] = (1, 2)) -> dict:
+    """Seconds per self-training round (sampling, training, evaluation) with 1 and 2 processes.
 
-    recipes/self_train.py with recipes/configs/CONFIG.yaml and a freshly initialised default-size model
-    (speed does not depend on the weights) in label mode, so every sampled episode is trained
-    on: the most work per round. ``extra`` are more flags for the recipe.
+    recipes/self_train.py under torchrun, with recipes/configs/CONFIG.yaml and a freshly
+    initialised default-size model (speed does not depend on the weights) in label mode, so
+    every sampled episode is trained on: the most work per round. ``extra`` are more flags.
     """
+    import subprocess
     import tempfile
+
+    import yaml
 
     from .lm.model import build_tokenizer, default_device, new_llama, save_model
     from .lm.pretrain import MODEL_SIZES
-    from .runs import RECIPES_DIR, load_recipe
-    from .runs.arguments import SelfTrainArguments, make_parser, parse
+    from .runs import RECIPES_DIR
     from .tasks.library import load_task
 
+    out = {"config": config, "device": default_device(), "processes": {}}
     with tempfile.TemporaryDirectory(prefix="lmcoh-bench-") as tmp:
-        args, sft, model = parse(make_parser(SelfTrainArguments), [
-            "--config", str(RECIPES_DIR / "configs" / f"{config}.yaml"), "--output_dir", f"{tmp}/run", "--rounds", str(rounds), "--mode", "label",
-            "--disable_tqdm", "true", "--model_name_or_path", f"{tmp}/model", *extra])
-        task = load_task(args.task)
+        task = load_task(yaml.safe_load((RECIPES_DIR / "configs" / f"{config}.yaml").read_text())["task"])
         tokenizer = build_tokenizer(task)
         save_model(new_llama(tokenizer, **MODEL_SIZES["tiny"]), tokenizer, f"{tmp}/model", {})
-        out = load_recipe("self_train").main(args, sft, model)
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    trained = [r for r in rows if r["round"] > 0]
-    print(f"self-training: {args.task}, {args.episodes_per_round} episodes/round, "
-          f"{sft.num_train_epochs} epochs, device {default_device()}")
-    print(f"{'round':>5} {'sample s':>9} {'train s':>8} {'eval s':>7} {'total s':>8}")
-    for r in rows:
-        total = r["sample_seconds"] + r["train_seconds"] + r["eval_seconds"]
-        print(f"{r['round']:>5} {r['sample_seconds']:>9.2f} {r['train_seconds']:>8.2f} "
-              f"{r['eval_seconds']:>7.2f} {total:>8.2f}")
-    mean = {k: sum(r[k] for r in trained) / len(trained)
-            for k in ("sample_seconds", "train_seconds", "eval_seconds")}
-    return {"task": args.task, "episodes_per_round": args.episodes_per_round,
-            "device": default_device(), "rounds": rows, "mean_per_round": mean}
+        for n in processes:
+            run = subprocess.run(
+                [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
+                 str(RECIPES_DIR / "self_train.py"), "--config", str(RECIPES_DIR / "configs" / f"{config}.yaml"),
+                 "--output_dir", f"{tmp}/run{n}", "--rounds", str(rounds), "--mode", "label",
+                 "--disable_tqdm", "true", "--model_name_or_path", f"{tmp}/model", *extra],
+                capture_output=True, text=True)
+            if run.returncode:
+                raise RuntimeError(f"{n} process(es) failed:\n{run.stderr[-2000:]}")
+            rows = [json.loads(x) for x in Path(f"{tmp}/run{n}/metrics.jsonl").read_text().splitlines()]
+            trained = [r for r in rows if r["round"] > 0]
+            out["processes"][n] = {k: sum(r[k] for r in trained) / len(trained)
+                                   for k in ("sample_seconds", "train_seconds", "eval_seconds")}
+            out["episodes_per_round"] = trained[0]["episodes_sampled"]
+    print(f"self-training: {config}, {out['episodes_per_round']} episodes/round in label mode, "
+          f"device {out['device']}; mean seconds per trained round")
+    print(f"{'processes':>9} {'sample s':>9} {'train s':>8} {'eval s':>7} {'total s':>8}")
+    for n, m in out["processes"].items():
+        print(f"{n:>9} {m['sample_seconds']:>9.2f} {m['train_seconds']:>8.2f} {m['eval_seconds']:>7.2f} "
+              f"{sum(m.values()):>8.2f}")
+    return out
 
 
 SECTIONS = {"exact": bench_exact, "lm": bench_lm, "base": bench_base, "selftrain": bench_selftrain}

@@ -14,9 +14,11 @@ import argparse
 import math
 import os
 import sys
+from pathlib import Path
 
 from .errors import LmcohError
 from .io import dumps, jsonable, write_jsonl
+from .tasks import budget
 from .tasks.task import Task
 
 
@@ -35,6 +37,11 @@ def _cmd_tasks(args: argparse.Namespace) -> None:
 
 
 def _cmd_show(args: argparse.Namespace) -> None:
+    if args.plot is not None:
+        _show_plot(args)
+        return
+    if args.policy is not None:
+        raise LmcohError("--policy chooses the policy of the picture: give --plot FILE too")
     from .lm import text
     from .tasks.library import load_task
 
@@ -70,6 +77,24 @@ def _cmd_show(args: argparse.Namespace) -> None:
     print(" ", writer.episode("success", states, actions).strip())
 
 
+def _show_plot(args: argparse.Namespace) -> None:
+    """`lmcoh show TASK --plot FILE --policy SPEC`: the decision graph under one policy."""
+    from .tasks.library import load_task
+
+    path = Path(args.plot)
+    if path.suffix.lower() not in (".png", ".svg"):
+        raise LmcohError(f"{args.plot}: the picture must be a .png or .svg file")
+    if not path.parent.is_dir():
+        raise LmcohError(f"{args.plot}: no such directory {str(path.parent)!r}")
+    task = load_task(args.task)
+    from .report.taskgraph import plot_policies, policy_from_spec  # matplotlib: only for a picture
+
+    spec = args.policy or "p"
+    title, policy = policy_from_spec(task, spec)
+    graph = plot_policies(path, task, [(f"{task.name} under {spec}: {title}", policy)])[0]
+    print(f"{path}: {task.name} under {spec} ({title}), {graph.note or f'{len(graph.nodes)} nodes'}")
+
+
 def _start_states(task: Task) -> list[int]:
     return [int(s) for s in task.start_prob.nonzero()[0]]
 
@@ -77,7 +102,7 @@ def _start_states(task: Task) -> list[int]:
 def _first_path(task: Task) -> tuple[list[int], list[int]]:
     """The most likely trajectory that always takes each state's first action."""
     s, states, actions = _start_states(task)[0], [], []
-    for _ in range(task.horizon):
+    for _ in range(task.steps):
         if task.terminal[s]:
             break
         a = task.actions_of(s)[0]
@@ -92,6 +117,9 @@ def _cmd_exact(args: argparse.Namespace) -> None:
     from .tasks.library import load_task
 
     task = load_task(args.task)
+    elements = sum(len(layer.states) + len(layer.actions) + len(layer.trans) for layer in task.layers)
+    budget.check(f"the exact oracle on {task.name!r} over {args.steps} steps",
+                 budget.oracle_bytes(elements, task.n_actions, args.steps, tables=args.json and not args.no_policies))
     if args.json:
         result = exact.analyse(task, steps=args.steps, delta=args.delta, policies=not args.no_policies)
         print(dumps(result))
@@ -236,6 +264,9 @@ def _positive_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmcoh", description="Coherence of goal-conditioned language-model policies on small decision tasks.")
+    parser.add_argument("--memory-limit", type=_positive_float, metavar="GB",
+                        help="refuse work estimated to need more memory than this (default: half the "
+                             "machine's memory, at most 8; also LMCOH_MEMORY_LIMIT_GB)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     task_help = "a task YAML file, a built-in name (see `lmcoh tasks`) or a generator spec (random-tree:T=4,A=3)"
 
@@ -245,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="print a task as the model reads it, with basic stats")
     p.add_argument("task", metavar="TASK", help=task_help)
     p.add_argument("--limit", type=_nonnegative_int, default=40, help="print at most this many states (default 40)")
+    p.add_argument("--plot", metavar="FILE", help="draw the decision graph into FILE (.png or .svg) instead")
+    p.add_argument("--policy", metavar="SPEC",
+                   help="the policy drawn: p (default), retrain:K, temperature:A, fold:K, fold_ratio:K, "
+                        "cumulative:K, boltzmann (coherent) or model:DIR (an LM prompted with <success>)")
     p.set_defaults(handler=_cmd_show)
 
     p = sub.add_parser("exact", help="exact success, return and incoherence along every sequence")
@@ -341,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        budget.set_limit_gb(args.memory_limit)
         args.handler(args)
     except (LmcohError, KeyboardInterrupt) as err:
         message = str(err) or "interrupted"

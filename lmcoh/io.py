@@ -15,8 +15,9 @@ import math
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import LmcohError, first_line
 
@@ -69,20 +70,35 @@ def read_jsonl(path: str | Path) -> list:
     return rows
 
 
-def write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (temporary sibling, fsync, rename)."""
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary sibling of ``path`` for the block to write; when the block ends without an
+    error it is synced and renamed onto ``path``, otherwise removed. The file gets the
+    permissions a plain ``open`` would give it (mkstemp's are private)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+        yield Path(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (temporary sibling, fsync, rename)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
 
 
 def write_json(path: str | Path, x: Any, indent: int | None = None) -> Path:
@@ -109,3 +125,33 @@ def replace_dir(src: str | Path, dest: str | Path) -> Path:
         os.replace(src, dest)
     return dest
 
+
+
+@contextmanager
+def exclusive(path: str | Path, what: str = "run"):
+    """Hold the lock of directory ``path`` while the block runs: one run per directory.
+
+    The lock is a sibling file ``.NAME.lock`` locked with `filelock` (an OS lock, so it dies
+    with its process: a killed run leaves no stale lock) and holding the owner's pid. A second
+    run on the same directory fails at once with an `LmcohError` naming that pid.
+    """
+    from filelock import FileLock, Timeout
+
+    path = Path(path).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = path.parent / f".{path.name}.lock"
+    lock = FileLock(lock_path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            owner = lock_path.read_text().strip() or "unknown"
+        except OSError:
+            owner = "unknown"
+        raise LmcohError(f"{path} is in use by another {what} (pid {owner}); wait for it to finish "
+                         "or choose another directory") from None
+    try:
+        lock_path.write_text(f"{os.getpid()}\n")
+        yield
+    finally:
+        lock.release()

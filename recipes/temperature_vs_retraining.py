@@ -16,6 +16,7 @@ from pathlib import Path
 
 from accelerate import PartialState
 
+from lmcoh import faults
 from lmcoh.errors import LmcohError
 from lmcoh.io import replace_dir
 from lmcoh.lm.model import model_init_kwargs
@@ -24,7 +25,7 @@ from lmcoh.runs import load_recipe
 from lmcoh.runs import selftrain as rounds
 from lmcoh.runs import temperature as compare_
 from lmcoh.runs.arguments import TemperatureArguments, make_parser, parse
-from lmcoh.tasks.library import load_task
+from lmcoh.runs.directory import locked
 
 
 def compare(task, K: int, methods: compare_.Methods, *, rejection_episodes: int, max_proposals: int,
@@ -41,42 +42,45 @@ def compare(task, K: int, methods: compare_.Methods, *, rejection_episodes: int,
                                                 methods.retrain_seconds[k], pool)
         rows.append(row)
         lm.append(detail)
+        faults.point("compare")
     return compare_.comparison_objects(task, K, ex, rows, lm, pool)
 
 
 def main(script_args: TemperatureArguments, training_args, model_args) -> Path:
     """Compare, write ``training_args.output_dir`` (built beside it in NAME.partial and renamed
     into place when complete) and return it."""
-    task = load_task(script_args.task)
+    task = rounds.check_inputs(script_args, training_args, model_args)  # every problem, before any work
     compare_.check_comparison(script_args, training_args.output_dir, task)
     out = Path(training_args.output_dir)
     work = out.with_name(out.name + ".partial")
     state = PartialState()
 
-    # 1. retraining: self-train here (resumable in NAME.partial/self_train), or reuse a run
-    if script_args.selftrain_dir is None:
-        selftrain_dir = work / "self_train"
-        self_train = load_recipe("self_train")
-        self_train.main(compare_.selftrain_args(script_args),
-                        rounds.replace_output_dir(training_args, selftrain_dir), model_args)
-    else:
-        selftrain_dir = Path(script_args.selftrain_dir)
+    with locked(state, out, "comparison"):
+        # 1. retraining: self-train here (resumable in NAME.partial/self_train), or reuse a run
+        if script_args.selftrain_dir is None:
+            selftrain_dir = work / "self_train"
+            self_train = load_recipe("self_train")
+            self_train.main(compare_.selftrain_args(script_args),
+                            rounds.replace_output_dir(training_args, selftrain_dir), model_args)
+        else:
+            selftrain_dir = Path(script_args.selftrain_dir)
 
-    # 2. k = 0..K: rejection sampling at alpha = k, the retrained model, logit temperature 1/k
-    if state.is_main_process:
-        methods, K, source = compare_.lm_methods(script_args, task, selftrain_dir, model_init_kwargs(model_args),
-                                                 progress=not training_args.disable_tqdm)
-        comparison, details = compare(task, K, methods, rejection_episodes=script_args.rejection_episodes,
-                                      max_proposals=script_args.max_proposals, seed=training_args.seed)
-        # paths inside the work directory, as they will read after the rename
-        details.update({key: value.replace(str(work), str(out)) for key, value in source.items()})
+        # 2. k = 0..K: rejection sampling at alpha = k, the retrained model, logit temperature 1/k
+        if state.is_main_process:
+            methods, K, source = compare_.lm_methods(script_args, task, selftrain_dir,
+                                                     model_init_kwargs(model_args),
+                                                     progress=not training_args.disable_tqdm)
+            comparison, details = compare(task, K, methods, rejection_episodes=script_args.rejection_episodes,
+                                          max_proposals=script_args.max_proposals, seed=training_args.seed)
+            # paths inside the work directory, as they will read after the rename
+            details.update({key: value.replace(str(work), str(out)) for key, value in source.items()})
 
-        # 3. write the outputs, then move them into place
-        work.mkdir(parents=True, exist_ok=True)
-        write_outputs(work, comparison, details)
-        replace_dir(work, out)
-        print(f"report: {out / 'report.md'}", flush=True)
-    state.wait_for_everyone()
+            # 3. write the outputs, then move them into place
+            work.mkdir(parents=True, exist_ok=True)
+            write_outputs(work, comparison, details, task)
+            replace_dir(work, out)
+            print(f"report: {out / 'report.md'}", flush=True)
+        state.wait_for_everyone()
     return out
 
 

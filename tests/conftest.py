@@ -132,6 +132,34 @@ def standins(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def default_prior(tmp_path_factory):
+    """``default_prior(task_name)``: the built-in prior `lmcoh pretrain` makes with its defaults,
+    pretrained once per session and shared by every test that needs it (read-only)."""
+    from lmcoh.lm.pretrain import pretrain
+    from lmcoh.tasks.library import load_task
+
+    made: dict[str, str] = {}
+
+    def get(name: str) -> str:
+        if name not in made:
+            made[name] = str(pretrain(load_task(name), tmp_path_factory.mktemp("default-prior") / "prior"))
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def mountain_prior(tmp_path_factory) -> str:
+    """The built-in prior for the mountain race as the recipe's config pretrains it, built once."""
+    from lmcoh.lm.pretrain import pretrain
+    from lmcoh.tasks.library import load_task
+
+    args, sft, _ = recipe_args("--config", ROOT / "recipes" / "configs" / "mountain_race.yaml")
+    return str(pretrain(load_task("mountain_race"), tmp_path_factory.mktemp("prior") / "prior",
+                        episodes=args.pretrain_episodes, epochs=args.pretrain_epochs, seed=sft.seed))
+
+
+@pytest.fixture(scope="session")
 def mountain():
     from lmcoh.tasks.library import load_task
 

@@ -7,6 +7,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
+from lmcoh.errors import LmcohError
 from lmcoh.io import dumps
 from lmcoh.oracle import exact as E
 from lmcoh.tasks.task import Task
@@ -175,6 +176,18 @@ def test_analyse_json_shape_and_infinities():
     assert written["return"] == "-inf" and written["incoherence"] == "inf"
     assert out["sequences"]["retrain"][1]["policy"]["start"]["up"] == pytest.approx(0.4)
     assert out["deterministic"] is True
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_policy_table_reads_back_through_json(seed):
+    task = random_task(seed)  # recurring states: keys STATE@t
+    pi = E.sequence(task, "retrain", 2)[2]
+    back = E.policy_from_table(task, json.loads(dumps(E.policy_table(task, pi))))
+    assert all(np.array_equal(a, b) for a, b in zip(pi, back))
+    table = E.policy_table(task, pi)
+    del table[next(iter(table))]
+    with pytest.raises(LmcohError, match="the policy table has no probability for"):
+        E.policy_from_table(task, table)
 
 
 # ---- brute force on random tasks -------------------------------------------------------------

@@ -132,7 +132,7 @@ def test_taxi():
     ("random-tree:T=3,T=4", "given twice"),
     ("random-tree:stochastic=2", "0 or 1"),
     ("random-tree:prior=flat", "uniform, dirichlet"),
-    ("random-tree:T=0", "T <= 12"),
+    ("random-tree:T=0", "need T >= 1 and A >= 1, got T=0"),
     ("gridworld:slip=1.5", "slip"),
     ("gridworld:size=5,horizon=3", "too short"),
     ("gym:", "expected gym:ENV_ID"),

@@ -103,15 +103,12 @@ def test_evaluate_a_random_model(ring):
     json.dumps(out)
 
 
-@pytest.fixture(scope="module", params=["mountain_race", "random-tree:T=3,A=2,stochastic=1,seed=1"])
-def pretrained(request, tmp_path_factory):
-    from lmcoh.tasks.library import load_task
+@pytest.fixture(params=["mountain_race", "random-tree:T=3,A=2,seed=0,stochastic=1"])
+def pretrained(request, default_prior):
     from lmcoh.lm.model import load_model
-    from lmcoh.lm.pretrain import pretrain
+    from lmcoh.tasks.library import load_task
 
-    task = load_task(request.param)
-    out = pretrain(task, tmp_path_factory.mktemp("prior") / "model", seed=0)
-    return task, load_model(str(out), device="cpu")
+    return load_task(request.param), load_model(default_prior(request.param), device="cpu")
 
 
 @pytest.mark.slow

@@ -7,7 +7,8 @@ from peft import LoraConfig
 
 from conftest import tiny_gpt2
 from lmcoh.tasks.generators import generate
-from lmcoh.lm.model import (META_FILE, LoadedModel, ModelError, add_lora, build_tokenizer, check_task_fits,
+from lmcoh.lm.model import (META_FILE, LoadedModel, ModelError, add_lora, build_tokenizer, check_saved_model,
+                            check_task_fits,
                          load_model, new_llama, save_model)
 from lmcoh.lm.scoring import action_logprobs
 from lmcoh.lm.text import Writer
@@ -20,8 +21,10 @@ def one_line_error(call, match):
 
 
 def logits(model, tokenizer, text):
+    """The model's logits for ``text``, on the CPU (the model may sit on a GPU)."""
+    device = next(model.parameters()).device
     with torch.no_grad():
-        return model(**tokenizer(text, return_tensors="pt")).logits
+        return model(**tokenizer(text, return_tensors="pt").to(device)).logits.cpu()
 
 
 def test_word_tokenizer_writes_every_chunk(mountain):
@@ -75,8 +78,39 @@ def test_load_errors_are_one_line(tmp_path, monkeypatch):
     (tmp_path / "junk.txt").write_text("x")
     one_line_error(lambda: load_model(str(tmp_path)), "not a model directory")
     (tmp_path / "config.json").write_text("{not json")
+    one_line_error(lambda: load_model(str(tmp_path)), r"no model weights \(\*.safetensors\)")
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 16)
     one_line_error(lambda: load_model(str(tmp_path)), "cannot load model")
     one_line_error(lambda: load_model("some-org/some-model"), "not in the local Hugging Face cache")
+
+
+def test_pickle_weights_are_refused(mountain, tmp_path):
+    """Unpickling can run code: a model or adapter directory holding only .bin weights is refused."""
+    tok = build_tokenizer(mountain)
+    model = new_llama(tok, hidden_size=32, num_heads=2)
+    model.config.save_pretrained(tmp_path / "pickled")  # a checkpoint of the pickle era
+    torch.save(model.state_dict(), tmp_path / "pickled" / "pytorch_model.bin")
+    tok.save_pretrained(tmp_path / "pickled")
+    one_line_error(lambda: load_model(str(tmp_path / "pickled")), "refusing to load model weights stored as pickle")
+    save_model(model, tok, tmp_path / "base", {})
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    torch.save({}, adapter / "adapter_model.bin")
+    one_line_error(lambda: load_model(str(tmp_path / "base"), adapter=str(adapter)),
+                   "refusing to load adapter weights stored as pickle")
+
+
+def test_check_saved_model_finds_damage(mountain, tmp_path):
+    tok = build_tokenizer(mountain)
+    save_model(new_llama(tok, hidden_size=32, num_heads=2), tok, tmp_path / "m", {})
+    check_saved_model(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a torn write
+    with pytest.raises(ModelError, match="model.safetensors: damaged"):
+        check_saved_model(tmp_path / "m")
+    with pytest.raises(ModelError, match="damaged or missing"):
+        check_saved_model(tmp_path / "nothing")
 
 
 def test_adapters_load_on_their_base_only(mountain, tmp_path):

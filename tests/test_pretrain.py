@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,8 +36,8 @@ def quality(task, out):
 
 
 @pytest.mark.slow
-def test_mountain_race_prior(mountain, tmp_path):
-    out = pretrain(mountain, tmp_path / "prior")
+def test_mountain_race_prior(mountain, default_prior):
+    out = Path(default_prior("mountain_race"))  # lmcoh pretrain's defaults, shared with other tests
     success, tv_success, tv_none = quality(mountain, out)
     assert success[0][0] == pytest.approx(2 / 5, abs=0.03)  # pi(up | start, <success>)
     assert tv_success <= 0.05 and tv_none <= 0.05
@@ -49,9 +50,9 @@ def test_mountain_race_prior(mountain, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stochastic", [0, 1])
-def test_random_tree_prior(stochastic, tmp_path):
-    task = generate(f"random-tree:T=3,A=2,seed=0,stochastic={stochastic}")
-    _, tv_success, tv_none = quality(task, pretrain(task, tmp_path / "prior"))
+def test_random_tree_prior(stochastic, default_prior):
+    spec = f"random-tree:T=3,A=2,seed=0,stochastic={stochastic}"
+    _, tv_success, tv_none = quality(generate(spec), default_prior(spec))
     assert tv_success <= 0.05 and tv_none <= 0.05
 
 
@@ -155,7 +156,7 @@ def test_self_training_a_conditioned_model_follows_retraining(conditioned, tmp_p
     _, out = conditioned("gpt2", "mountain_race")
     run = recipe("self_train").main(*recipe_args(
         "--config", ROOT / "recipes" / "configs" / "mountain_race.yaml", "--model_name_or_path", out,
-        "--learning_rate", 1e-3, "--episodes_per_round", 1000, "--per_device_train_batch_size", 32,
+        "--learning_rate", 1e-3, "--episodes_per_round", 1000, "--global_batch_size", 32,
         "--rounds", 3, "--output_dir", tmp_path / "run", "--disable_tqdm", "true"))
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["target_success"] for r in rows] == pytest.approx([17 / 20, 0.8676, 0.8856, 0.9031], abs=1e-4)

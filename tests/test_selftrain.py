@@ -5,7 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
 
 from conftest import ROOT, recipe, recipe_args, recipe_env
@@ -24,7 +26,8 @@ def test_flags_are_typed_and_trainer_settings_come_from_sftconfig():
     assert args.rounds == 3 and sft.learning_rate == 0.002 and sft.gradient_accumulation_steps == 2
     assert sft.lr_scheduler_type.value == "cosine" and model.lora_r == 4 and model.dtype == "bfloat16"
     # lmcoh's defaults where they differ from TRL's; the rest is TRL's
-    assert sft.bf16 is False and sft.num_train_epochs == 2.0 and sft.completion_only_loss is True
+    assert sft.bf16 is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())  # from the device
+    assert sft.num_train_epochs == 2.0 and sft.completion_only_loss is True
     assert sft.max_grad_norm == 1.0 and model.use_peft is True and model.lora_target_modules == "all-linear"
 
 
@@ -86,8 +89,9 @@ def test_round_args_derive_from_the_users_sftconfig(tmp_path):
     _, sft, _ = recipe_args("--gradient_accumulation_steps", "3", "--seed", "7", "--output_dir", tmp_path)
     run = RunDirectory(tmp_path)
     for k in (1, 2):
-        args = round_args(sft, run, k)
+        args = round_args(sft, run, k, 16)
         assert args.gradient_accumulation_steps == 3 and args.learning_rate == sft.learning_rate
+        assert args.per_device_train_batch_size == 16
         assert args.seed == args.data_seed == round_seed(7, k)
         assert args.output_dir == str(tmp_path / "trainer" / f"round_{k}")
 
@@ -151,10 +155,18 @@ def test_training_examples_filter_and_label():
 
 # ---- output directory ----------------------------------------------------------------------------
 def _fake_round(out: Path, k: int) -> dict:
+    """A complete round k as the loop writes it: metrics, evaluation and (k > 0) an adapter."""
+    from safetensors.numpy import save_file
+
     line = {"round": k, "success": 0.85 + 0.01 * k, "target_success": 0.85 + 0.01 * k}
     d = out / "rounds" / str(k)
     d.mkdir(parents=True)
     (d / "metrics.json").write_text(json.dumps(line))
+    (d / "eval.json").write_text(json.dumps({"success": line["success"]}))
+    if k > 0:
+        (d / "model").mkdir()
+        (d / "model" / "adapter_config.json").write_text("{}")
+        save_file({"w": np.zeros((2, 2), dtype=np.float32)}, str(d / "model" / "adapter_model.safetensors"))
     return line
 
 
@@ -224,6 +236,25 @@ def test_report_from_rows_has_targets_reading_and_plots(tmp_path):
         assert (tmp_path / name).stat().st_size > 1000 and f"({name})" in md
 
 
+def test_report_pictures_the_final_round_beside_its_target(tmp_path):
+    task = load_task("mountain_race")
+    targets = exact.sequence(task, "retrain", 3)
+    rows = [{"round": k, "success": 0.8, "target_success": 0.8, "tv_to_target": 0.01, "incoherence": 0.1,
+             "target_incoherence": 0.1, "token_incoherence": 0.1, "sampled_success_rate": None,
+             "episodes_sampled": 0, "episodes_kept": 0, "sample_seconds": 0.0, "train_seconds": 0.0,
+             "eval_seconds": 0.0} for k in range(2)]
+    details = [{"incoherence_finite_part": 0.1, "policy": exact.policy_table(task, targets[k + 1])} for k in range(2)]
+    md = report.write_selftrain_report(tmp_path, rows, details, task_name=task.name, mode="filter",
+                                       optimum=1.0, config={}, task=task).read_text()
+    assert (tmp_path / "final_round.png").stat().st_size > 1000 and "(final_round.png)" in md
+    del details[-1]["policy"]  # no policy table: no picture, the rest as before
+    old = tmp_path / "old"
+    old.mkdir()
+    report.write_selftrain_report(old, rows, details, task_name=task.name, mode="filter", optimum=1.0,
+                                  config={}, task=task)
+    assert sorted(p.name for p in old.iterdir()) == ["incoherence.png", "report.md", "success.png", "tv.png"]
+
+
 # ---- the loop, with a tiny untrained model (slow: it samples and trains) -----------------------
 def _tiny_model_dir(task, path: Path) -> str:
     from conftest import tiny_llama
@@ -273,7 +304,7 @@ def test_killed_run_resumes_to_the_uninterrupted_metrics(tmp_path):
 
 @pytest.mark.slow
 def test_trainer_settings_reach_the_run(tmp_path):
-    """The issue's command: gradient accumulation, a cosine schedule and TensorBoard, recorded and used."""
+    """Gradient accumulation, a cosine schedule and TensorBoard: recorded in config.yaml and used."""
     task = load_task("mountain_race")
     out = self_train("--task", "mountain_race", "--model_name_or_path", _tiny_model_dir(task, tmp_path / "model"),
                      "--rounds", 1, "--episodes_per_round", 64, "--gradient_accumulation_steps", 2,
@@ -292,15 +323,6 @@ def _rows(out: Path) -> list[dict]:
 
 def _config_file(name: str) -> Path:
     return ROOT / "recipes" / "configs" / f"{name}.yaml"
-
-
-@pytest.fixture(scope="module")
-def mountain_prior(tmp_path_factory):
-    from lmcoh.lm.pretrain import pretrain
-
-    args, sft, _ = recipe_args("--config", _config_file("mountain_race"))
-    return str(pretrain(load_task("mountain_race"), tmp_path_factory.mktemp("prior") / "prior",
-                        episodes=args.pretrain_episodes, epochs=args.pretrain_epochs, seed=sft.seed))
 
 
 @pytest.mark.slow

@@ -25,6 +25,8 @@ def test_paper_examples_reproduce_the_fractions(tasks):
     assert sec["verdict"] == study.HOLDS
     assert [r["paper"] for r in sec["rows"][:2]] == ["2/5", "8/17"]
     assert sec["rows"][1]["computed"] == pytest.approx(8 / 17, abs=1e-12)
+    pictured = sec["plot"]["policies"]  # the paper's figure: p, G(p) and the coherent policy
+    assert [pictured[k]["start"]["up"] for k in pictured] == pytest.approx([1 / 2, 2 / 5, 4 / 7], abs=1e-12)
 
 
 def test_theorem_5_9_holds_on_deterministic_trees_and_fails_on_a_stochastic_one():
@@ -139,6 +141,7 @@ def test_report_has_the_paper_numbers_and_is_written_atomically(tmp_path, tasks)
         assert number in text
     assert json.loads((out / "study.json").read_text())["sections"][0]["verdict"] == study.HOLDS
     assert (out / "section5_scatter.png").stat().st_size > 1000
+    assert (out / "mountain_race.png").stat().st_size > 1000 and "(mountain_race.png)" in text
     study_report.write(result, out)  # an earlier study is replaced
     assert sorted(p.name for p in tmp_path.iterdir()) == ["study"]
     other = tmp_path / "other"

@@ -4,7 +4,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import RING, brute_logprobs, random_standin, task_from_yaml, tiny_gpt2, tiny_llama
 from lmcoh.lm import scoring, tabulate

@@ -143,7 +143,7 @@ def test_comparison_json_report_and_plots_lottery(tmp_path):
     assert row2["lm_tv_retrain_vs_rejection"] == pytest.approx(0.2473, abs=0.03)
     assert row2["rejection_samples_per_episode"] == pytest.approx(1 / 0.175, rel=0.05)
     assert details["lm"][2]["rejection_tv_to_exact"] < 0.03
-    write_outputs(tmp_path, comparison, details)
+    write_outputs(tmp_path, comparison, details, task)
     saved = json.loads((tmp_path / "comparison.json").read_text())
     assert saved["rows"][2]["k"] == 2 and list(saved) == ["task", "deterministic", "rows"]
     md = (tmp_path / "report.md").read_text()
@@ -151,7 +151,7 @@ def test_comparison_json_report_and_plots_lottery(tmp_path):
     assert "Retraining moves towards the optimum faster: its success is higher at every k in [2, 3]" in md
     assert "temperature gives `gamble` 0.286 where retraining gives it 0.038" in md
     assert "k = 2: rejection sampling draws 5.7" in md
-    for name in ("success.png", "tv.png", "cost.png"):
+    for name in ("success.png", "tv.png", "cost.png", "policies_k2.png"):
         assert (tmp_path / name).stat().st_size > 1000 and f"({name})" in md
 
 
@@ -217,12 +217,12 @@ def test_selftrain_dir_of_another_task_is_refused(tmp_path):
 # ---- the language model (slow) -------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["lottery", "mountain_race"])
-def test_lm_retraining_against_rejection_sampling(tmp_path, name):
+def test_lm_retraining_against_rejection_sampling(tmp_path, name, default_prior):
     """Lottery: the LM parts ways like the exact policies (TV >= 0.15 at k = 2), each method
     within 0.05 of its own exact target. Mountain race: retrained LM and rejection agree (TV <= 0.08)."""
     out = recipe("temperature_vs_retraining").main(*temperature_args(
         "--task", name, "--output_dir", tmp_path / "out", "--rounds", 1, "--rejection_episodes", 1500,
-        "--episodes_per_round", 1500, "--disable_tqdm", "true"))
+        "--episodes_per_round", 1500, "--model_name_or_path", default_prior(name), "--disable_tqdm", "true"))
     rows = json.loads((out / "comparison.json").read_text())["rows"]
     lm = json.loads((out / "details.json").read_text())["lm"]
     assert [list(r) for r in rows] == [ROW_KEYS] * 3

@@ -27,6 +27,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llam
                           PreTrainedTokenizerFast)
 from transformers.utils import logging as hf_logging
 
+from .. import faults
 from ..errors import ModelError, first_line
 from ..io import replace_dir, write_json
 from ..tasks.task import Task
@@ -57,7 +58,7 @@ def task_words(task: Task) -> list[str]:
     """Every whitespace-separated word the compact format can write for ``task``, in first-seen order."""
     writer = Writer(task)
     words = dict.fromkeys(SPECIAL_WORDS)
-    words.update(dict.fromkeys(f"@{t}" for t in range(task.horizon)))
+    words.update(dict.fromkeys(f"@{t}" for t in range(task.steps)))
     for s in range(task.n_states):
         words.update(dict.fromkeys(writer.state("none", s, 0).split()))
     for a in range(task.n_actions):
@@ -116,6 +117,7 @@ def load_model(path_or_id: str, adapter: str | None = None, device: str | None =
         if not (path / "config.json").is_file():
             hint = " (it holds a LoRA adapter: pass it as --adapter)" if (path / "adapter_config.json").exists() else ""
             raise ModelError(f"{path_or_id}: not a model directory (no config.json){hint}")
+        _require_safetensors(path, "model")
         source, local_only = str(path), True
     elif path.exists() or _looks_like_path(path_or_id):
         raise ModelError(f"{path_or_id}: no such model directory")
@@ -123,8 +125,9 @@ def load_model(path_or_id: str, adapter: str | None = None, device: str | None =
         source, local_only = path_or_id, offline or _env_offline()
     try:
         with quiet_hf():
-            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-            model = AutoModelForCausalLM.from_pretrained(source, local_files_only=local_only, **init_kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(source, local_files_only=local_only, use_safetensors=True,
+                                                         trust_remote_code=False, **init_kwargs)
     except Exception as err:  # transformers raises many types; the user needs one line
         if source == path_or_id and not path.exists():
             raise ModelError(f"{path_or_id}: not a local model directory, and not in the local Hugging Face "
@@ -149,6 +152,7 @@ def _attach_adapter(model, adapter: str, base_name: str, trainable: bool = False
     adir = Path(adapter).expanduser()
     if not (adir / "adapter_config.json").is_file():
         raise ModelError(f"{adapter}: not a LoRA adapter directory (no adapter_config.json)")
+    _require_safetensors(adir, "adapter")
     meta = _read_meta(adir)
     expected = meta.get("base_fingerprint")
     if expected is not None and expected != fingerprint(model):
@@ -157,6 +161,38 @@ def _attach_adapter(model, adapter: str, base_name: str, trainable: bool = False
         return PeftModel.from_pretrained(model, str(adir), is_trainable=trainable), meta
     except Exception as err:
         raise ModelError(f"{adapter}: adapter does not fit base model {base_name}: {first_line(err)}") from None
+
+
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_model.bin", "model.ckpt.index")
+
+
+def _require_safetensors(path: Path, kind: str) -> None:
+    """Refuse a directory whose weights are pickles: unpickling can run arbitrary code."""
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = [name for name in PICKLE_WEIGHTS if (path / name).exists()] or [p.name for p in path.glob("*.bin")]
+    if pickles:
+        raise ModelError(f"{path}: refusing to load {kind} weights stored as pickle ({pickles[0]}); lmcoh loads "
+                         "safetensors only (convert with save_pretrained(..., safe_serialization=True))")
+    raise ModelError(f"{path}: no {kind} weights (*.safetensors) in this directory")
+
+
+def check_saved_model(path: str | Path) -> None:
+    """`ModelError` unless ``path`` holds a model or adapter lmcoh saved whole: its config and
+    safetensors weights that open (without loading them)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    kind = "adapter" if (path / "adapter_config.json").is_file() else "model"
+    if not (path / ("adapter_config.json" if kind == "adapter" else "config.json")).is_file():
+        raise ModelError(f"{path}: damaged or missing (no adapter_config.json or config.json)")
+    _require_safetensors(path, kind)
+    for weights in path.glob("*.safetensors"):
+        try:
+            with safe_open(str(weights), framework="np") as f:
+                list(f.keys())
+        except Exception as err:  # safetensors raises its own error types for every kind of damage
+            raise ModelError(f"{weights}: damaged ({first_line(err)})") from None
 
 
 def fingerprint(model) -> str:
@@ -209,13 +245,16 @@ def save_model(model, tokenizer, out_dir: str | Path, meta: dict) -> Path:
     """
     out = check_out_dir(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         meta = {**meta, "text_format": TEXT_FORMAT}
         if hasattr(model, "peft_config"):
             meta["base_fingerprint"] = fingerprint(model)
         with quiet_hf():
             model.save_pretrained(tmp)
+            faults.point("save_model")
             tokenizer.save_pretrained(tmp)
         write_json(tmp / META_FILE, meta, indent=2)
         replace_dir(tmp, out)

@@ -25,14 +25,18 @@ learning rate over many epochs; a pretrained one needs a few epochs of LoRA.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 
+from .. import faults
 from ..errors import ModelError
+from ..io import exclusive
 from ..tasks.episodes import sample_outcome_balanced, sample_prior_episodes
 from ..tasks.task import Task
 from .text import Layout
@@ -93,16 +97,34 @@ def pretrain(task: Task, out_dir: str | Path, *, base: str | None = None, format
              goal_text: str | None = None, progress: bool = False, report_to: str = "none", **settings) -> Path:
     """Pretrain a prior for ``task`` (the built-in model, or ``base`` conditioned with LoRA) and
     save it to ``out_dir``. ``settings`` are `PretrainConfig` fields; ``format`` and ``goal_text``
-    say how episodes are written (default: compact with the goal token, or the base model's own)."""
+    say how episodes are written (default: compact with the goal token, or the base model's own).
+
+    Under a data-parallel launch every process trains (``batch_size`` is the global batch, split
+    over the processes, so any number of processes trains the same model) and the main one
+    holds ``out_dir``'s lock and saves.
+    """
     config = PretrainConfig(**settings).resolved(base is not None)
+    from .model import check_out_dir
+    from .training import is_main_process
+
+    check_out_dir(out_dir)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if config.batch_size % world:
+        raise ModelError(f"the batch size {config.batch_size} does not split evenly over {world} processes")
+    with exclusive(out_dir, "pretraining") if is_main_process() else nullcontext():
+        return _pretrain(task, Path(out_dir), config, base, format, goal_text, config.batch_size // world,
+                         progress, report_to)
+
+
+def _pretrain(task: Task, out: Path, config: PretrainConfig, base: str | None, format: str | None,
+              goal_text: str | None, per_device_batch: int, progress: bool, report_to: str) -> Path:
     import torch
 
-    from .model import (add_lora, add_markers, build_tokenizer, check_out_dir, check_task_fits, load_model,
-                        lora_config, model_layout, new_llama, save_model)
+    from .model import (add_lora, add_markers, build_tokenizer, check_task_fits, load_model, lora_config,
+                        model_layout, new_llama, save_model)
     from .training import episode_examples, is_main_process, sft_config, train_sft
 
     started = time.perf_counter()
-    check_out_dir(out_dir)
     if base is not None:
         loaded = load_model(base, device="cpu")
         layout = model_layout(loaded.meta, format, "history", goal_text)
@@ -133,9 +155,10 @@ def pretrain(task: Task, out_dir: str | Path, *, base: str | None = None, format
                                                                      sample_prior_episodes(task, n_bare, rng)])
     with tempfile.TemporaryDirectory(prefix="lmcoh-pretrain-") as scratch:
         args = sft_config(output_dir=scratch, num_train_epochs=config.epochs, learning_rate=config.learning_rate,
-                          per_device_train_batch_size=config.batch_size, seed=config.seed, data_seed=config.seed,
+                          per_device_train_batch_size=per_device_batch, seed=config.seed, data_seed=config.seed,
                           report_to=report_to, disable_tqdm=not progress)
         stats = train_sft(model, tokenizer, examples, args, average_last=config.average_last)
+    faults.point("pretrain")
     if base is not None:
         model = model.merge_and_unload()  # LoRA and the new rows into the weights: a plain model directory
     meta.update({
@@ -146,8 +169,6 @@ def pretrain(task: Task, out_dir: str | Path, *, base: str | None = None, format
                      "examples": len(examples), "train_loss": stats.get("train_loss"),
                      "seconds": round(time.perf_counter() - started, 2)},
     })
-    out = Path(out_dir)
     if is_main_process():
         save_model(model, tokenizer, out, meta)
     return out
-

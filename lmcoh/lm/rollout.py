@@ -9,7 +9,9 @@ that end leave the batch.
 
 Randomness: episode i uses row i of one table of uniforms drawn from ``seed`` up front (start,
 then action and transition at each step, then the outcome), so results do not depend on the
-batch size and a run is reproducible.
+batch size and a run is reproducible. ``rows`` samples only some episodes of that table: the
+processes of a data-parallel run each take their share of one table, so together they draw
+the very episodes one process would.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
+from .. import faults
 from ..tasks.episodes import Episode, _pick, episode_logq
 from ..tasks.task import Task
 from .scoring import Codec, Context, renormalise
@@ -27,23 +30,27 @@ from .text import Layout
 
 def sample_episodes(loaded, task: Task, n: int, *, goal: str = "success", seed: int = 0,
                     temperature: float = 1.0, batch_size: int = 256, layout: Layout = Layout(),
-                    progress: bool = True) -> list[Episode]:
-    """``n`` episodes from the LM policy prompted with ``goal``, outcomes drawn w.p. prod q."""
+                    progress: bool = True, rows: range | None = None) -> list[Episode]:
+    """``n`` episodes from the LM policy prompted with ``goal``, outcomes drawn w.p. prod q
+    (only episodes ``rows`` of the ``n``, when given)."""
     return [episode for episode, _ in rollout(loaded, task, n, goal=goal, seed=seed,
                                               temperature=temperature, batch_size=batch_size,
-                                              layout=layout, progress=progress)]
+                                              layout=layout, progress=progress, rows=rows)]
 
 
 def rollout(loaded, task: Task, n: int, *, goal: str = "success", seed: int = 0,
             temperature: float = 1.0, batch_size: int = 256, layout: Layout = Layout(),
-            progress: bool = True, codec: Codec | None = None
+            progress: bool = True, codec: Codec | None = None, rows: range | None = None
             ) -> Iterator[tuple[Episode, list[np.ndarray]]]:
     """Each episode with the action distribution pi(.|h) it was drawn from at every step."""
     codec = Codec(loaded.tokenizer, task, layout, goal) if codec is None else codec
-    uniforms = np.random.default_rng(seed).random((n, 2 * task.horizon + 2))
-    with tqdm(total=n, unit="ep", disable=not progress, desc="sampling") as bar:
-        for lo in range(0, n, batch_size):
+    uniforms = np.random.default_rng(seed).random((n, 2 * task.steps + 2))
+    if rows is not None:
+        uniforms = uniforms[rows.start:rows.stop]
+    with tqdm(total=len(uniforms), unit="ep", disable=not progress, desc="sampling") as bar:
+        for lo in range(0, len(uniforms), batch_size):
             yield from _batch(loaded.model, task, codec, temperature, uniforms[lo:lo + batch_size], bar)
+            faults.point("sample")
 
 
 def _batch(model, task: Task, codec: Codec, temperature: float, u: np.ndarray,
@@ -56,7 +63,7 @@ def _batch(model, task: Task, codec: Codec, temperature: float, u: np.ndarray,
     alive = [i for i in range(n) if not task.terminal[states[i][0]]]
     bar.update(n - len(alive))
     ctx = None
-    for t in range(task.horizon):
+    for t in range(task.steps):
         if not alive:
             break
         if ctx is None:
@@ -78,7 +85,7 @@ def _batch(model, task: Task, codec: Codec, temperature: float, u: np.ndarray,
             actions[i].append(int(a))
             logprobs[i].append(float(logp[k]))
             dists[i].append(p)
-            if not task.terminal[nxt] and t + 1 < task.horizon:
+            if not task.terminal[nxt] and t + 1 < task.steps:
                 keep.append(offset[row] + k)  # this episode's branch continued by its action
                 survivors.append(i)
         bar.update(len(alive) - len(survivors))

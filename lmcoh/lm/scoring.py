@@ -326,8 +326,16 @@ def _positions(length: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
 
 def renormalise(logp: np.ndarray) -> np.ndarray:
     """Log-probabilities over the legal actions: subtract the log-sum-exp."""
+    check_finite(logp)
     m = logp.max()
     return logp - (m + np.log(np.exp(logp - m).sum()))
+
+
+def check_finite(logp: np.ndarray) -> None:
+    """`ModelError` for scores a sound model cannot give (NaN, or every action impossible)."""
+    if np.isnan(logp).any() or not np.isfinite(logp.max()):
+        raise ModelError("the model's action probabilities are not finite: its weights hold NaN or inf "
+                         "(a diverged training run)")
 
 
 def score_contexts(model, contexts: list[list[int]], candidates: list[list[tuple[int, ...]]],

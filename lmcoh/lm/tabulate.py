@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import faults
 from ..oracle import exact
 from ..tasks.task import Task, _ranges
 from .rollout import rollout
-from .scoring import ActionTokens, Codec, Context, score_contexts
+from .scoring import ActionTokens, Codec, Context, check_finite, score_contexts
 from .text import Layout
 
 @dataclass
@@ -118,6 +119,7 @@ class _Tabulation:
             ctx = Context(self.model, len(s), self.temperature)
             ctx.extend([self.codec.prompt([int(x)], []) for x in s])
             self._expand(0, ctx, s, np.log(task.start_prob[s]), np.zeros(len(s)))
+            faults.point("evaluate")
 
     def _expand(self, t: int, ctx: Context, cur: np.ndarray, logw: np.ndarray, logq: np.ndarray) -> None:
         task, layer = self.task, self.task.layers[t]
@@ -129,7 +131,7 @@ class _Tabulation:
         tr = _ranges(lo_t, hi_t)
         tr_pair = np.repeat(np.arange(len(pair_act)), hi_t - lo_t)
         nxt = task.trans_next[tr]
-        live = ~task.terminal[nxt] & (t + 1 < task.horizon)
+        live = ~task.terminal[nxt] & (t + 1 < task.steps)
         lonely = np.ones(len(pair_act), dtype=bool)
         lonely[tr_pair[live]] = False
         # A scoring-only row need not run its action's last token: its log-prob is read off the
@@ -160,6 +162,7 @@ class _Tabulation:
             child = ctx.take(pair_row[pairs])
             pair_logp[pairs] = child.extend(chunks, targets=[action_ids[p] for p in pairs], back=pair_back[pairs])
             groups.append((child, pairs, nexts, row_tau[g:g + self.batch_size]))
+        check_finite(pair_logp)
         # renormalise over each history's actions; aggregate by visit weight
         starts = np.concatenate([[0], np.cumsum(hi_a - lo_a)])
         top = np.maximum.reduceat(pair_logp, starts[:-1])

@@ -20,7 +20,7 @@ goal is worded. Three formats, shown on the mountain race under the goal ``succe
   and each action is the assistant's reply.
 
 The goal is written at every decision, right before the action it conditions (docs/theory.md,
-"Goal conditioning and re-training"): like Decision Transformer's return-to-go, which stands
+"Goal conditioning and retraining"): like Decision Transformer's return-to-go, which stands
 beside every action. Measured on the 1M-parameter stand-ins of lmcoh.lm.standins, a LoRA
 adapter learns G(p) in a few hundred steps when the goal token is the last one before the
 action, and ignores a goal written a dozen tokens earlier. The goal is the marker token

@@ -14,10 +14,14 @@ the recipes show them in ``--help`` and a user's config or flag overrides each.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 from transformers import TrainerCallback
+
+from .. import faults
+from ..errors import ModelError
 
 
 def _bf16_available() -> bool:
@@ -45,6 +49,7 @@ def sft_defaults() -> dict:
         "optim": "adamw_torch",
         "dataloader_pin_memory": cuda,
         "use_cpu": not cuda,               # under torchrun on a CPU: gloo data parallelism
+        "ddp_find_unused_parameters": False,  # every trainable weight takes part in every step
     }
 
 
@@ -101,15 +106,44 @@ def train_sft(model, tokenizer, examples: list[tuple[list[int], list[int]]], arg
     finally:
         if was_on:
             datasets.enable_progress_bars()
+    watch = Divergence(model)
+    trainer.add_callback(watch)
     if average_last > 0:
         trainer.add_callback(TailAverage(model, average_last))
     if args.disable_tqdm:
         trainer.remove_callback(PrinterCallback)  # it prints every log dict when tqdm is off
     result = trainer.train()
     model.eval()
+    watch.check(result.training_loss, args)
     return {**result.metrics, "global_step": result.global_step}
 
 
+class Divergence(TrainerCallback):
+    """Stop training at the first step that leaves a trainable weight non-finite (a NaN or inf
+    loss does that through its gradient); `check` then fails in one line, so a diverged model
+    is never sampled from or saved. The trainable weights are an adapter's or a small model's:
+    checking them every step costs little."""
+
+    def __init__(self, model):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.step: int | None = None
+
+    def _finite(self) -> bool:
+        with torch.no_grad():
+            return all(bool(torch.isfinite(p).all()) for p in self.params)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        faults.point("train")
+        if self.step is None and not self._finite():
+            self.step = state.global_step
+            control.should_training_stop = True
+
+    def check(self, train_loss: float, args) -> None:
+        if self.step is None and math.isfinite(train_loss) and self._finite():
+            return
+        where = f"non-finite weights after step {self.step}" if self.step is not None else "non-finite loss"
+        raise ModelError(f"training diverged ({where}); the learning rate ({args.learning_rate:g}) is the likely "
+                         "cause: lower --learning_rate or --max_grad_norm")
 def expose_head_bias(model) -> None:
     """Let TRL's fused loss read the output layer's bias through peft's trainable-token wrapper.
 

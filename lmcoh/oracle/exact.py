@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..errors import LmcohError
 from ..tasks.task import Task
 from ..tasks.task import safe_log as _log
 
@@ -49,11 +50,11 @@ def _backup(task: Task, combine: Callable[[int, np.ndarray], np.ndarray], reward
     """Backward induction. ``combine(t, Q_t)`` turns action values into state values."""
     v = np.where(task.terminal, _scaled(task.terminal_logq, reward_scale),
                  _scaled(task.timeout_logq, reward_scale))
-    Q: list[np.ndarray] = [np.zeros(0)] * task.horizon
-    V: list[np.ndarray] = [np.zeros(0)] * task.horizon
-    for t in reversed(range(task.horizon)):
+    Q: list[np.ndarray] = [np.zeros(0)] * task.steps
+    V: list[np.ndarray] = [np.zeros(0)] * task.steps
+    for t in reversed(range(task.steps)):
         layer = task.layers[t]
-        if t == task.horizon - 1:
+        if t == task.steps - 1:
             cont = _last_continuation(task, reward_scale)
         else:
             cont = _continuation(layer, v)
@@ -85,7 +86,7 @@ def _last_continuation(task: Task, reward_scale: float) -> np.ndarray:
 
 def soft_values(task: Task, policy: Policy, reward_scale: float = 1.0,
                 bonus: Policy | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Soft Q^pi and V^pi (docs/theory.md): exp Q = P(success from (s, a) | later actions from pi).
+    """Soft Q^pi and V^pi (docs/theory.md, "Soft values of a policy"): exp Q = P(success from (s, a) | later actions from pi).
 
     ``reward_scale`` multiplies every log q (temperature); ``bonus`` adds a per-action reward
     (the folded sequences' extra log-policy terms).
@@ -160,7 +161,7 @@ def boltzmann_iteration(task: Task, delta: float = 1.0, steps: int | None = None
                         start: Policy | None = None) -> list[Policy]:
     """pi <- pi^delta from ``start`` (the prior); coherent within T steps (Prop 4.10)."""
     out = [prior_policy(task) if start is None else start]
-    for _ in range(task.horizon if steps is None else steps):
+    for _ in range(task.steps if steps is None else steps):
         out.append(boltzmann_policy(task, out[-1], delta))
     return out
 
@@ -203,7 +204,7 @@ def _forward(task: Task, policy: Policy) -> tuple[list[np.ndarray], float, float
             ent -= float(np.sum(np.where(flow > 0, flow * np.log(p), 0.0)))
         reward, stay = _action_outcomes(task, t)
         ret += _expect(flow, reward)
-        if t == task.horizon - 1:
+        if t == task.steps - 1:
             alive = float(np.dot(flow, stay))
         else:
             w = layer.by_action.repeat(flow) * np.exp(layer.trans_logp)
@@ -319,6 +320,19 @@ def policy_table(task: Task, policy: Policy) -> dict[str, dict[str, float]]:
             lo, hi = layer.start[i], layer.start[i + 1]
             table[key] = {task.action_names[a]: float(x) for a, x in zip(layer.actions[lo:hi], p[lo:hi])}
     return table
+
+
+def policy_from_table(task: Task, table: dict[str, dict[str, float]]) -> Policy:
+    """The policy a `policy_table` shows (as read back from a JSON file), in array form."""
+    policy = []
+    for keys, layer in zip(task.policy_keys(), task.layers):
+        owners = np.repeat(keys, layer.by_state.counts)
+        try:
+            policy.append(np.array([float(table[key][task.action_names[a]])
+                                    for key, a in zip(owners, layer.actions)]))
+        except KeyError as err:
+            raise LmcohError(f"the policy table has no probability for {err.args[0]!r} of {task.name}") from None
+    return policy
 
 
 def summary(task: Task, policy: Policy, delta: float = 1.0,

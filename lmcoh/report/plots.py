@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..io import number
+from ..io import atomic_path, number
 
 
 def pyplot():
@@ -20,9 +20,18 @@ def pyplot():
 
 
 def save(fig, path: Path) -> Path:
-    """Lay out, write and close ``fig``."""
+    """Lay out, write atomically and close ``fig``; the format follows the suffix.
+
+    SVG keeps its text as text and carries no date or random ids, so the same figure gives
+    the same, small file (a committed picture does not churn).
+    """
+    import matplotlib
+
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower()
     fig.tight_layout()
-    fig.savefig(path)
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "lmcoh"}), atomic_path(path) as tmp:
+        fig.savefig(tmp, format=fmt, metadata={"Date": None} if fmt == "svg" else None)
     pyplot().close(fig)
     return path
 

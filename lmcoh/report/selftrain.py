@@ -10,9 +10,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..io import number
+from ..io import number, write_text
+from ..oracle import exact
+from ..tasks.task import Task
 from .plots import plot_rounds
 from .tables import fmt, markdown_table
+from .taskgraph import plot_policies
 
 
 def _infinite_rounds(rows: list[dict], key: str) -> str:
@@ -83,11 +86,29 @@ def selftrain_reading(rows: list[dict], optimum: float) -> list[str]:
     return lines
 
 
+def final_round_plot(out: Path, task: Task, rows: list[dict], details: list[dict]) -> list[Path]:
+    """final_round.png: the LM's policy after the last round (its eval.json table) beside the
+    exact target G^(K+1)(p); nothing when that round has no policy table."""
+    table = details[-1].get("policy") if details else None
+    if table is None:
+        return []
+    k = rows[-1]["round"]
+    target = exact.sequence(task, "retrain", k + 1)[-1]
+    plot_policies(out / "final_round.png", task,
+                  [(f"LM after round {k} (success prompt)", exact.policy_from_table(task, table)),
+                   (f"exact target G^{k + 1}(p)", target)],
+                  title=f"{task.name}: the final round's policy and its exact target")
+    return [out / "final_round.png"]
+
+
 def write_selftrain_report(out: Path, rows: list[dict], details: list[dict], *, task_name: str,
-                           mode: str, optimum: float, config: dict) -> Path:
-    """OUTPUT_DIR/report.md plus its plots, from the metrics rows and each round's eval detail."""
+                           mode: str, optimum: float, config: dict, task: Task | None = None) -> Path:
+    """OUTPUT_DIR/report.md plus its plots, from the metrics rows and each round's eval detail;
+    with the ``task``, a picture of the final round's policy too."""
     out = Path(out)
     plots = selftrain_plots(out, rows, details, optimum) if rows else []
+    if task is not None:
+        plots += final_round_plot(out, task, rows, details)
     table = markdown_table(
         ["round", "success", "exact S(G^(k+1)(p))", "TV to target", "incoherence (finite part)",
          "exact incoherence", "token incoherence", "sampled success", "kept / sampled",
@@ -110,5 +131,5 @@ def write_selftrain_report(out: Path, rows: list[dict], details: list[dict], *, 
         *[f"- {line}" for line in (selftrain_reading(rows, optimum) if rows else ["No complete rounds yet."])],
         "", "## Plots", "", *[f"![{p.stem}]({p.name})" for p in plots], ""]
     path = out / "report.md"
-    path.write_text("\n".join(parts))
+    write_text(path, "\n".join(parts))
     return path

@@ -9,19 +9,35 @@ from pathlib import Path
 import numpy as np
 
 from ..io import write_json, write_text
+from ..oracle import exact
+from ..tasks.task import Task
 from .plots import pyplot, save
 from .tables import fmt, markdown_table
+from .taskgraph import plot_policies
 
 # Below this the exact TV between retraining and temperature counts as zero (float rounding).
 TV_ZERO = 1e-9
 
 
-def write_outputs(out: Path, comparison: dict, details: dict) -> None:
-    """comparison.json, details.json, the plots and report.md into ``out``."""
+def write_outputs(out: Path, comparison: dict, details: dict, task: Task | None = None) -> None:
+    """comparison.json, details.json, the plots and report.md into ``out``; with the ``task``
+    (and k reaching 2), a picture of it at k = 2 under retraining and under temperature."""
     write_json(out / "comparison.json", comparison, indent=1)
     write_json(out / "details.json", details, indent=1)
     plots = write_plots(out, comparison, details)
+    if task is not None and details["K"] >= 2:
+        plots.append(k2_plot(out, task))
     write_text(out / "report.md", report_markdown(comparison, details, plots))
+
+
+def k2_plot(out: Path, task: Task) -> Path:
+    """policies_k2.png: the task under G^2(p) and under pi_alpha, alpha = 2, exactly; on a
+    stochastic task (the lottery) the picture shows where temperature rewards lucky transitions."""
+    path = out / "policies_k2.png"
+    plot_policies(path, task, [("retraining: G^2(p)", exact.sequence(task, "retrain", 2)[2]),
+                               ("temperature: pi_alpha, alpha = 2", exact.temperature_policy(task, 2.0))],
+                  title=f"{task.name} at k = 2, exactly")
+    return path
 
 
 def write_plots(out: Path, comparison: dict, details: dict) -> list[Path]:

@@ -55,6 +55,10 @@ class SelfTrainArguments:
     goal_text: str | None = field(default=None, metadata=_help(
         "A statement of the success goal written in place of the <success> token; unset: the model's own."))
     sample_batch_size: int = field(default=256, metadata=_help("Episodes sampled in one batch."))
+    global_batch_size: int = field(default=64, metadata=_help(
+        "Sequences per optimiser step over all processes: each round sets per_device_train_batch_size to "
+        "global_batch_size / (processes x gradient_accumulation_steps), so any number of processes takes "
+        "the same steps. 0: use per_device_train_batch_size as given."))
     pretrain_episodes: int = field(default=DEFAULTS["built-in"]["episodes"], metadata=_help(
         "Episodes to pretrain the built-in prior on (when model_name_or_path is empty)."))
     pretrain_epochs: float = field(default=DEFAULTS["built-in"]["epochs"], metadata=_help(
@@ -66,6 +70,9 @@ class SelfTrainArguments:
         "Episodes for the Monte Carlo success estimate of tasks too big to tabulate."))
     overwrite: bool = field(default=False, metadata=_help(
         "Delete output_dir and start over instead of resuming."))
+    memory_limit_gb: float | None = field(default=None, metadata=_help(
+        "Refuse tasks and oracle runs estimated to need more memory than this (default: half the "
+        "machine's memory, at most 8 GB)."))
 
     def __post_init__(self):
         if not self.task:
@@ -74,6 +81,9 @@ class SelfTrainArguments:
                      "eval_episodes"):
             _check(name, getattr(self, name), lambda v: v >= 1, "must be >= 1")
         _check("rounds", self.rounds, lambda v: v >= 0, "must be >= 0")
+        _check("global_batch_size", self.global_batch_size, lambda v: v >= 0, "must be >= 0")
+        if self.memory_limit_gb is not None:
+            _check("memory_limit_gb", self.memory_limit_gb, lambda v: v > 0 and math.isfinite(v), "must be positive")
         for name in ("pretrain_epochs", "delta"):
             _check(name, getattr(self, name), lambda v: v > 0 and math.isfinite(v), "must be positive")
         for name, options in (("mode", MODES), ("prompt", PROMPT_MODES), ("format", ("", *FORMATS))):
@@ -128,6 +138,8 @@ LOOP_OVERRIDES = {
     "output_dir": "OUTPUT_DIR/trainer/round_K (the Trainer's scratch, deleted after the round; "
                   "the round's model is saved to OUTPUT_DIR/rounds/K/model)",
     "seed": "derived from (seed, K), so every round draws fresh but reproducible randomness",
+    "per_device_train_batch_size": "global_batch_size / (processes x gradient_accumulation_steps), "
+                                   "unless global_batch_size is 0",
     "data_seed": "the same as seed when unset",
     "TensorBoard": "logs of round K go to OUTPUT_DIR/tensorboard/round_K",
 }
@@ -216,7 +228,31 @@ def parse(parser, argv: list[str] | None = None) -> tuple:
         if not flags:
             raise RunError(f"unexpected argument {name!r}")
         raise RunError(f"unknown flag {name}" + (f"; did you mean {close[0]}?" if close else ""))
+    check_trainer_settings(sft, model)
     return script_args, sft, model
+
+
+def check_trainer_settings(sft, model) -> None:
+    """`RunError` for trainer and adapter settings that could only fail later, mid-run."""
+    for name, value in (("per_device_train_batch_size", sft.per_device_train_batch_size),
+                        ("gradient_accumulation_steps", sft.gradient_accumulation_steps)):
+        _check(name, value, lambda v: v >= 1, "must be >= 1")
+    _check("learning_rate", sft.learning_rate, lambda v: v >= 0 and math.isfinite(v), "must be >= 0")
+    if sft.max_steps <= 0:
+        _check("num_train_epochs", sft.num_train_epochs, lambda v: v > 0 and math.isfinite(v), "must be positive")
+    from transformers.integrations.integration_utils import (INTEGRATION_TO_CALLBACK,
+                                                             get_available_reporting_integrations)
+
+    for name in sft.report_to or []:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise RunError(f"report_to: unknown integration {name!r}; choose from none, all, "
+                           + ", ".join(INTEGRATION_TO_CALLBACK))
+        if name not in get_available_reporting_integrations():
+            raise RunError(f"report_to {name} needs its package installed (pip install {name})")
+    if model.use_peft:
+        _check("lora_r", model.lora_r, lambda v: v >= 1, "must be >= 1")
+        _check("lora_alpha", model.lora_alpha, lambda v: v > 0, "must be positive")
+        _check("lora_dropout", model.lora_dropout, lambda v: 0 <= v < 1, "must be in [0, 1)")
 
 
 def _config_value(parser, key: str, value):

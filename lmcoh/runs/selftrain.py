@@ -1,10 +1,11 @@
 """The pieces of a self-training round; the loop itself is recipes/self_train.py.
 
-docs/theory.md, "Retraining": pi_0 = p, pi_{k+1} = G(pi_k). In a language model, round 0 is
-the pretrained prior prompted with ``<success>`` (approximately G(p)); round k = 1..K samples
-episodes from the current success-prompted model, keeps the successful ones (``filter``) or
-keeps all behind their outcome token (``label``), fine-tunes the adapter on them, and
-evaluates the success-prompted model exactly against the oracle's target G^(k+1)(p).
+docs/theory.md, "Goal conditioning and retraining": pi_0 = p, pi_{k+1} = G(pi_k). In a
+language model, round 0 is the pretrained prior prompted with ``<success>`` (approximately
+G(p)); round k = 1..K samples episodes from the current success-prompted model, keeps the
+successful ones (``filter``) or keeps all behind their outcome token (``label``), fine-tunes
+the adapter on them, and evaluates the success-prompted model exactly against the oracle's
+target G^(k+1)(p).
 
 Determinism: every round reseeds from (seed, round) and loads its model from disk, so a run
 resumed after a kill computes exactly what an uninterrupted one does.
@@ -19,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import io
-from ..errors import RunError
+from .. import faults, io
+from ..errors import LmcohError, RunError
 from ..lm import text
 from ..oracle import exact
 from ..tasks.task import Task
@@ -37,6 +38,44 @@ def shard_sizes(n: int, world: int) -> list[int]:
     return [n // world + (r < n % world) for r in range(world)]
 
 
+def shard(n: int, state) -> range:
+    """This process's contiguous share of n episodes: gathered in rank order, the shares are
+    the n episodes one process would draw from the same seeded table."""
+    sizes = shard_sizes(n, state.num_processes)
+    lo = sum(sizes[:state.process_index])
+    return range(lo, lo + sizes[state.process_index])
+
+
+def check_inputs(args, sft, model_args) -> Task:
+    """Everything that can be checked before any work: the memory limit, the task, the model
+    (present, safetensors, able to write the task), the output directory, the batch split.
+    Returns the task."""
+    from ..lm.model import check_task_fits, model_init_kwargs
+    from ..tasks import budget
+    from ..tasks.library import load_task
+
+    budget.set_limit_gb(args.memory_limit_gb)
+    task = load_task(args.task)
+    out = Path(sft.output_dir)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"output_dir {out} exists and is not a directory")
+    if model_args.model_name_or_path:
+        given = evaluated_model(model_args.model_name_or_path, None, 0, model_init_kwargs(model_args))
+        check_task_fits(given, task, layout(args, given.meta))
+    return task
+
+
+def per_device_batch(args, sft, processes: int) -> int:
+    """The per-device batch that keeps ``global_batch_size`` sequences per optimiser step."""
+    if not args.global_batch_size:
+        return sft.per_device_train_batch_size
+    split = processes * sft.gradient_accumulation_steps
+    if args.global_batch_size % split:
+        raise RunError(f"global_batch_size {args.global_batch_size} does not split evenly over {processes} "
+                       f"process(es) x {sft.gradient_accumulation_steps} accumulation step(s)")
+    return args.global_batch_size // split
+
+
 def config_header() -> str:
     """The comment config.yaml starts with: what the loop overrides in each round."""
     lines = ["Every resolved setting of this run (--config reads it back). The loop sets these",
@@ -50,11 +89,27 @@ def replace_output_dir(sft, output_dir: Path):
     return dataclasses.replace(sft, output_dir=str(output_dir))
 
 
-def round_args(sft, run: RunDirectory, k: int):
+def round_args(sft, run: RunDirectory, k: int, per_device_batch: int):
     """Round k's `SFTConfig`: the user's, with `LOOP_OVERRIDES` applied."""
     seed = round_seed(sft.seed, k)
     return dataclasses.replace(sft, output_dir=str(run.path / "trainer" / f"round_{k}"), seed=seed,
-                               data_seed=seed if sft.data_seed is None else sft.data_seed)
+                               data_seed=seed if sft.data_seed is None else sft.data_seed,
+                               per_device_train_batch_size=per_device_batch)
+
+
+@contextmanager
+def failing_as_round(k: int, sft):
+    """A failure inside round k (a diverged training, a model gone non-finite) names the round
+    and the likely cause; nothing of the round has been written, so the earlier rounds stay
+    resumable."""
+    try:
+        yield
+    except LmcohError as err:
+        hint = ""
+        if "not finite" in str(err):  # training made the weights blow up: say what to change
+            hint = (f"; the learning rate ({sft.learning_rate:g}) is the likely cause: lower --learning_rate "
+                    "or --max_grad_norm")
+        raise RunError(f"round {k}: {err}{hint}") from None
 
 
 @contextmanager
@@ -174,6 +229,7 @@ def write_round(run: RunDirectory, k: int, task: Task, layout: text.Layout, load
                    {**loaded.meta, "selftrain": {"round": k, "task": task.name}})
         writer = text.Writer(task, layout, loaded.tokenizer)
         io.write_jsonl(tmp / "episodes.jsonl", [text.episode_record(writer, ep) for ep in episodes])
+    faults.point("write_round")
     io.write_json(tmp / "eval.json", detail)
     io.write_json(tmp / "metrics.json", line)
     run.commit_round(k, tmp)
@@ -196,8 +252,9 @@ def write_report(run: RunDirectory, args, task: Task, config: dict) -> Path:
 
     rows = run.complete_rounds()
     details = [io.read_json(run.round_dir(r["round"]) / "eval.json") for r in rows]
+    faults.point("report")
     return write_selftrain_report(run.path, rows, details, task_name=task.name, mode=args.mode,
-                                  optimum=exact.optimal_success(task), config=config)
+                                  optimum=exact.optimal_success(task), config=config, task=task)
 
 
 def no_successes(k: int, n: int) -> RunError:

@@ -242,7 +242,7 @@ def comparison_objects(task: Task, K: int, ex: dict, rows: list[dict], lm: list[
     comparison = {"task": task.name, "deterministic": bool(task.deterministic), "rows": rows}
     details = {
         "task": task.name, "K": K, "optimal_success": ex["optimal_success"],
-        "uniform_prior": _uniform_prior(task), "one_decision": task.horizon == 1,
+        "uniform_prior": _uniform_prior(task), "one_decision": task.steps == 1,
         "seconds_per_proposal": pool.seconds_per_proposal, "proposals_drawn": len(pool.episodes),
         "exact": {"success": ex["success"], "acceptance_rate": ex["acceptance_rate"],
                   "tv_retrain_vs_temperature": ex["tv_retrain_vs_temperature"],

@@ -155,7 +155,7 @@ def one_step_backup(task: Task, Q: list[np.ndarray]) -> list[np.ndarray]:
     out = []
     for t, layer in enumerate(task.layers):
         v = np.where(task.terminal, task.terminal_logq, task.timeout_logq)
-        if t + 1 < task.horizon:
+        if t + 1 < task.steps:
             nxt = task.layers[t + 1]
             v[nxt.states] = nxt.by_state.max(Q[t + 1])
         cont = layer.trans_logp + v[layer.trans_next]
@@ -177,7 +177,7 @@ def greedy_policy(task: Task, Q: list[np.ndarray], tol: float = 1e-12) -> Policy
 
 def optimal_q(task: Task) -> list[np.ndarray]:
     Q = exact.soft_values(task, exact.uniform_policy(task))[0]
-    for _ in range(task.horizon - 1):
+    for _ in range(task.steps - 1):
         Q = one_step_backup(task, Q)
     return Q
 
@@ -401,7 +401,11 @@ def paper_examples(mountain: Task) -> dict:
         "iteration reaches the coherent (4/7, 3/7).",
         ["quantity", "paper", "paper value", "computed", "|difference|"], rows,
         [_check("the oracle reproduces the paper's fractions", HOLDS if worst <= EQUAL_TOL else FAILS,
-                f"largest difference {_g(worst)}")])
+                f"largest difference {_g(worst)}")],
+        plot={"kind": "policies", "task": mountain.name,
+              "policies": {"p (the prior)": exact.policy_table(mountain, seq[0]),
+                           "G(p): conditioned on success": exact.policy_table(mountain, seq[1]),
+                           "coherent: Boltzmann iteration": exact.policy_table(mountain, boltz[-1])}})
 
 
 # ---- 3. Corollary 5.10 ---------------------------------------------------------------------------
@@ -522,7 +526,7 @@ def incoherence_limits(tasks: list[Task], deltas: tuple[float, ...] = (1.0, 0.1,
         for d in (1.0, 0.1):
             kap = [exact.incoherence(task, p, d) for p in exact.boltzmann_iteration(task, d)]
             first = next((n for n, x in enumerate(kap) if x <= COHERENT_TOL), None)
-            boltz.append((task.name, d, task.horizon, first))
+            boltz.append((task.name, d, task.steps, first))
     checks = []
     if status:
         count = {s: [n for n, _, st in status if st == s] for s in ("vanished", "decreasing", "tie", "stuck")}
@@ -568,7 +572,7 @@ def effective_horizon(task: Task) -> int:
     success probability; k = 0 is greedy on the uniform policy's Q). Laidlaw et al.'s k-QVI index is k + 1."""
     Q = exact.soft_values(task, exact.uniform_policy(task))[0]
     best = exact.optimal_success(task)
-    for k in range(task.horizon + 1):
+    for k in range(task.steps + 1):
         if exact.success(task, greedy_policy(task, Q)) >= best - 1e-12:
             return k
         Q = one_step_backup(task, Q)

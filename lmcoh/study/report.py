@@ -13,8 +13,11 @@ from pathlib import Path
 
 from ..errors import TaskError
 from ..io import replace_dir, write_json, write_text
+from ..oracle import exact
 from ..report.plots import pyplot, save
 from ..report.tables import markdown_table
+from ..report.taskgraph import plot_policies
+from ..tasks.library import load_task
 
 MAX_ROWS = 60  # longer tables are cut in report.md (study.json has every row)
 
@@ -136,6 +139,17 @@ def _plot_slip(ax, section: dict) -> None:
     ax.legend(fontsize=7)
 
 
+def _plot_policies(out: Path, section: dict) -> str:
+    """TASK.png: the task's decision graph under each of the section's policies, side by side."""
+    spec = section["plot"]
+    task = load_task(spec["task"])
+    name = f"{spec['task']}.png"
+    plot_policies(out / name, task, [(label, exact.policy_from_table(task, table))
+                                     for label, table in spec["policies"].items()],
+                  title=f"{section['title']}: the policies, computed")
+    return name
+
+
 def plots(result: dict, out: Path) -> dict[int, str]:
     """One PNG per section that asks for a plot; returns {section id: file name}."""
     plt = pyplot()
@@ -143,6 +157,9 @@ def plots(result: dict, out: Path) -> dict[int, str]:
     for s in result["sections"]:
         kind = s.get("plot", {}).get("kind")
         if kind is None or not s["rows"] or (kind == "slip" and not any("slip" in r for r in s["rows"])):
+            continue
+        if kind == "policies":
+            drawn[s["id"]] = _plot_policies(out, s)
             continue
         fig = plt.figure(figsize=(9, 4) if kind == "scatter" else (6.5, 4.2), dpi=100)
         if kind == "scatter":

@@ -81,16 +81,16 @@ def sample_prior_episodes(task: Task, n: int, rng: np.random.Generator) -> list[
     counts and per-trajectory success counts sit within about one of their expectations, so a
     model trained on it sees p and G(p) with far less sampling noise than independent draws.
     """
-    states = np.full((n, task.horizon + 1), -1, dtype=np.int64)
-    actions = np.full((n, task.horizon), -1, dtype=np.int64)
-    logp = np.zeros((n, task.horizon))
+    states = np.full((n, task.steps + 1), -1, dtype=np.int64)
+    actions = np.full((n, task.steps), -1, dtype=np.int64)
+    logp = np.zeros((n, task.steps))
     cur = _sample_segments(np.cumsum(task.start_prob), np.zeros(n, dtype=np.int64),
                            np.full(n, task.n_states, dtype=np.int64), _stratified(np.zeros(n), rng))
     states[:, 0] = cur
     length = np.zeros(n, dtype=np.int64)
     prior_cum = np.cumsum(task.prior)
     trans_cum = np.cumsum(task.trans_prob)
-    for t in range(task.horizon):
+    for t in range(task.steps):
         live = np.flatnonzero(~task.terminal[cur])
         if len(live) == 0:
             break

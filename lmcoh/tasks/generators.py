@@ -18,6 +18,7 @@ from collections import deque
 import numpy as np
 
 from ..errors import first_line
+from . import budget
 from .task import Task, TaskError
 from .task import safe_log as _log
 
@@ -118,13 +119,15 @@ def random_tree(T: int = 6, A: int = 3, seed: int = 0, stochastic: bool = False,
     q ~ U(0, 1), a fifth of them q = 0; a fifth of the actions cost q ~ U(0.5, 1).
     ``prior``: uniform, or Dirichlet(1) per state.
     """
-    if not 1 <= T <= 12 or not 1 <= A <= 16 or A ** T > 20_000_000:
-        raise TaskError(f"random-tree: need 1 <= T <= 12, 1 <= A <= 16 and A^T <= 2e7, got T={T}, A={A}")
-    rng = np.random.default_rng(seed)
+    if T < 1 or A < 1:
+        raise TaskError(f"random-tree: need T >= 1 and A >= 1, got T={T}, A={A}")
     n_inner = (A ** T - 1) // (A - 1) if A > 1 else T
     n_leaves = A ** T
     n = n_inner + n_leaves
     n_act = n_inner * A
+    budget.check(f"random-tree:T={T},A={A} ({float(n):.3g} states)",
+                 budget.task_bytes(n, n_act, n_act * (A if stochastic else 1)))
+    rng = np.random.default_rng(seed)
 
     leaf_q = rng.uniform(0.0, 1.0, n_leaves)
     leaf_q[rng.uniform(size=n_leaves) < 0.2] = 0.0

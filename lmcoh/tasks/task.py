@@ -113,14 +113,46 @@ class Task:
     # ---- reachability by step ------------------------------------------------------------
     @cached_property
     def layers(self) -> list[Layer]:
-        """Reachable non-terminal states at steps 0..horizon-1 (from the start distribution)."""
+        """Reachable non-terminal states at decision steps 0, 1, ... (from the start distribution),
+        until every episode has ended or the horizon is reached: a horizon longer than any
+        path costs nothing.
+
+        Built under the memory limit (lmcoh.tasks.budget): the layers' size is counted as they
+        are built, and once the reachable set repeats (states recurring in a cycle) the rest of
+        the horizon is projected, so a huge horizon over a cycle is refused at once.
+        """
+        from . import budget
+
+        limit, used, sizes = budget.limit_bytes(), 0.0, []
+        seen: dict[bytes, int] | None = {}  # small reachable sets -> the step they were first seen
         layers = []
         alive = np.flatnonzero((self.start_prob > 0) & ~self.terminal)
-        for _ in range(self.horizon):
-            layers.append(self._layer(alive))
-            nxt = np.unique(self.trans_next[layers[-1].trans])
+        while len(layers) < self.horizon and (not layers or len(alive)):
+            if seen is not None and len(alive) <= 4096:
+                key = alive.tobytes()
+                if key in seen:  # the layers repeat from here: project the rest of the horizon once
+                    cycle = sizes[seen[key]:]
+                    projected = used + sum(cycle) * (self.horizon - len(layers)) / len(cycle)
+                    budget.check(f"task {self.name!r} over its horizon of {self.horizon} steps", projected)
+                    seen = None
+                else:
+                    seen[key] = len(layers)
+            layer = self._layer(alive)
+            size = budget.LAYER_OVERHEAD + budget.LAYER_BYTES * (len(layer.states) + len(layer.actions)
+                                                                 + len(layer.trans))
+            used += size
+            sizes.append(size)
+            if used > limit:
+                budget.check(f"task {self.name!r} after {len(layers) + 1} of its {self.horizon} steps", used)
+            layers.append(layer)
+            nxt = np.unique(self.trans_next[layer.trans])
             alive = nxt[~self.terminal[nxt]]
         return layers
+
+    @property
+    def steps(self) -> int:
+        """Decision steps that some episode can reach: ``len(layers)`` (at most the horizon)."""
+        return len(self.layers)
 
     def _layer(self, states: np.ndarray) -> Layer:
         states = np.asarray(states, dtype=np.int64)

@@ -1,0 +1,26 @@
+"""Named places where a test can kill the process, to prove that runs survive a kill anywhere.
+
+``LMCOH_CRASH_AT=NAME`` (or ``NAME:N``, the N-th visit) makes the process SIGKILL itself the
+moment it reaches `point(NAME)`: no cleanup, no flush, exactly like an OOM kill or a pulled
+plug. Unset (always, outside tests), `point` is a dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+ENV = "LMCOH_CRASH_AT"
+_visits: dict[str, int] = {}
+
+
+def point(name: str) -> None:
+    target = os.environ.get(ENV)
+    if not target:
+        return
+    wanted, _, nth = target.partition(":")
+    if wanted != name:
+        return
+    _visits[name] = _visits.get(name, 0) + 1
+    if _visits[name] == int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
