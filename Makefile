@@ -16,11 +16,13 @@ install: .venv/.installed
 demo: install
 	.venv/bin/accelerate launch --num_processes 1 --cpu recipes/self_train.py --config recipes/configs/mountain_race.yaml
 
+# Two worker processes (the tests are single-threaded); models several tests need are built once
+# and shared between them (tests/conftest.py, shared_model).
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --maxschedchunk 1
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 --maxschedchunk 1 -m "not slow"
 
 bench: install
 	$(PY) -m lmcoh.bench

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random-init language models built locally (no hub, no training)."""
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,26 @@ def tiny_gpt2(task, seed=0, vocab_size=300):
     return LoadedModel(model, tokenizer)
 
 
+# ---- expensive models, built once per test run -------------------------------------------------
+def shared_model(tmp_path_factory, key: str, build) -> str:
+    """The directory ``build(path)`` writes, built once per test run and shared by the xdist
+    workers (`pytest -n 2`): the first to ask builds it under a file lock, the others wait and
+    reuse it. Tests only read it."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's directory, above each worker's own
+    path = root / "shared" / key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = path.with_name(key + ".done")
+    with FileLock(str(path.with_name(key + ".build-lock"))):
+        if not done.exists():
+            build(path)
+            done.touch()
+    return str(path)
+
+
 # ---- stand-ins for pretrained hub models (lmcoh.lm.standins) -------------------------------------
 @pytest.fixture(scope="session")
 def english():
@@ -122,13 +143,26 @@ def brute_logprobs(lm, task, layout, goal, states, actions, temperature=1.0):
     return out - np.logaddexp.reduce(out)
 
 
+class _Standins(dict):
+    """{family: model directory}, each stand-in built when first asked for (so two workers build
+    the two families at once)."""
+
+    def __init__(self, tmp_path_factory):
+        super().__init__()
+        self.factory = tmp_path_factory
+
+    def __missing__(self, family: str) -> str:
+        from lmcoh.lm.standins import build, english_text
+
+        self[family] = shared_model(self.factory, f"standin-{family}",
+                                    lambda path: build(family, path, text=english_text()))
+        return self[family]
+
+
 @pytest.fixture(scope="session")
 def standins(tmp_path_factory):
-    """Both pretrained stand-ins, built once per session: {family: model directory}."""
-    from lmcoh.lm.standins import FAMILIES, build, english_text
-
-    root, text = tmp_path_factory.mktemp("standins"), english_text()
-    return {family: str(build(family, root / family, text=text)) for family in FAMILIES}
+    """The pretrained stand-ins, built once per test run: ``standins[family]`` is a model directory."""
+    return _Standins(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -138,12 +172,9 @@ def default_prior(tmp_path_factory):
     from lmcoh.lm.pretrain import pretrain
     from lmcoh.tasks.library import load_task
 
-    made: dict[str, str] = {}
-
     def get(name: str) -> str:
-        if name not in made:
-            made[name] = str(pretrain(load_task(name), tmp_path_factory.mktemp("default-prior") / "prior"))
-        return made[name]
+        return shared_model(tmp_path_factory, "default-prior-" + re.sub(r"\W", "_", name),
+                            lambda path: pretrain(load_task(name), path))
 
     return get
 
@@ -155,8 +186,8 @@ def mountain_prior(tmp_path_factory) -> str:
     from lmcoh.tasks.library import load_task
 
     args, sft, _ = recipe_args("--config", ROOT / "recipes" / "configs" / "mountain_race.yaml")
-    return str(pretrain(load_task("mountain_race"), tmp_path_factory.mktemp("prior") / "prior",
-                        episodes=args.pretrain_episodes, epochs=args.pretrain_epochs, seed=sft.seed))
+    return shared_model(tmp_path_factory, "mountain-prior", lambda path: pretrain(
+        load_task("mountain_race"), path, episodes=args.pretrain_episodes, epochs=args.pretrain_epochs, seed=sft.seed))
 
 
 @pytest.fixture(scope="session")

@@ -120,14 +120,13 @@ def conditioned(standins, tmp_path_factory, trie_task):
     """``conditioned(family, task_name)``: `pretrain --base` on a stand-in with the defaults, once per pair."""
     from lmcoh.tasks.library import load_task
 
-    made = {}
+    from conftest import shared_model
 
     def make(family, name):
-        if (family, name) not in made:
-            task = trie_task if name == "trie" else load_task(name)
-            out = pretrain(task, tmp_path_factory.mktemp(f"{family}-{name}") / "model", base=standins[family])
-            made[family, name] = (task, out)
-        return made[family, name]
+        task = trie_task if name == "trie" else load_task(name)
+        out = shared_model(tmp_path_factory, f"conditioned-{family}-{name}",
+                           lambda path: pretrain(task, path, base=standins[family]))
+        return task, Path(out)
 
     return make
 
