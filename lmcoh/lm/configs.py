@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.trainer_utils import SaveStrategy
 from transformers.training_args import OptimizerNames, trainer_log_levels
-from trl import ModelConfig, SFTConfig
+from trl import GRPOConfig, ModelConfig, SFTConfig
 
 from ..errors import RunError
 
@@ -90,6 +90,67 @@ def per_device_batch(global_batch: int, processes: int, accumulation: int = 1) -
         raise RunError(f"global_batch_size {global_batch} does not split evenly over {processes} process(es) "
                        f"x {accumulation} accumulation step(s)")
     return global_batch // split
+
+
+@dataclass
+class PolicyGRPOConfig(GRPOConfig):
+    """TRL's `GRPOConfig` with lmcoh's defaults for KL-regularised RL on small policy models: plain
+    REINFORCE on whole episodes (lmcoh.lm.rl; lmcoh.runs.klrl refuses the settings that are not)."""
+
+    global_batch_size: int = field(default=64, metadata={"help": (
+        "lmcoh: episodes per optimiser step over all processes; per_device_train_batch_size is derived as "
+        "global_batch_size / (processes x gradient_accumulation_steps). 0: use per_device_train_batch_size.")})
+    num_generations: int | None = field(default=None, metadata={"help": (
+        "Episodes whose mean reward is the baseline of each (GRPO's group); lmcoh: unset, the whole batch "
+        "(every episode answers the same prompt).")})
+    beta: float = field(default=0.5, metadata={"help": (
+        "lmcoh: the KL coefficient of J_beta = E[R] - beta KL(pi || p), as k1 in the reward; TRL's KL in the loss "
+        "stays off.")})
+    learning_rate: float = field(default=1e-3, metadata={"help": "lmcoh: the peak learning rate (LoRA, small models)."})
+    max_steps: int = field(default=300, metadata={"help": "lmcoh: optimiser steps (each on freshly sampled episodes)."})
+    scale_rewards: str = field(default="none", metadata={"help": (
+        "lmcoh: none. Dividing by the rewards' std changes the fixed point (lmcoh refuses group and batch).")})
+    loss_type: str = field(default="luspo", metadata={"help": (
+        "lmcoh: luspo, the sum over each episode's actions averaged over episodes: REINFORCE, no episode "
+        "reweighted by its length (dr_grpo, a constant rescaling, is accepted too).")})
+    importance_sampling_level: str = field(default="sequence", metadata={"help": (
+        "Importance ratios per token or per sequence; on policy both give the REINFORCE gradient.")})
+    disable_dropout: bool = field(default=True, metadata={"help": (
+        "lmcoh: on (the episodes are sampled without dropout, so the gradient must be too).")})
+    activation_checkpointing: bool | None = field(default=False, metadata={"help": (
+        "Recompute activations in the backward pass to save memory; lmcoh: off (small models: memory is not the "
+        "constraint).")})
+    gradient_checkpointing: bool | None = field(default=None, metadata={"help": (
+        "Deprecated alias of activation_checkpointing (TRL's default True is lmcoh's unset).")})
+    seed: int = field(default=0, metadata={"help": "lmcoh: the run's seed; each step's episodes derive theirs from it."})
+    report_to: None | str | list[str] = field(default="none", metadata={"help": (
+        "Integrations to report results and logs to (tensorboard, wandb, ...); lmcoh: none.")})
+    logging_steps: float = field(default=10, metadata={"help": "Log every X update steps."})
+    log_level: str = field(default="warning", metadata={"help": "lmcoh: the Trainer logs warnings and errors only.",
+                                                        "choices": trainer_log_levels.keys()})
+    bf16: bool | None = field(default=None, metadata={"help": (
+        "bf16 mixed precision; lmcoh's default: only on a GPU that supports it.")})
+    dataloader_pin_memory: bool = field(default=_CUDA, metadata={"help": "Pin memory (lmcoh: on a GPU only)."})
+    use_cpu: bool = field(default=not _CUDA, metadata={"help": (
+        "Train on the CPU (lmcoh: where there is no GPU; under torchrun: gloo data parallelism).")})
+    ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": (
+        "lmcoh: off (every trainable weight takes part in every step).")})
+
+    def __post_init__(self):
+        import os
+
+        if self.bf16 is None:
+            self.bf16 = bf16_available()
+        if isinstance(self.global_batch_size, bool) or not isinstance(self.global_batch_size, int) \
+                or self.global_batch_size < 0:
+            raise RunError(f"global_batch_size must be >= 0, got {self.global_batch_size!r}")
+        if self.global_batch_size:  # before GRPOConfig derives its generation batch from it
+            self.per_device_train_batch_size = per_device_batch(
+                self.global_batch_size, int(os.environ.get("WORLD_SIZE", "1")), self.gradient_accumulation_steps)
+        if self.num_generations is None:
+            self.num_generations = self.per_device_train_batch_size * int(os.environ.get("WORLD_SIZE", "1")) \
+                * self.gradient_accumulation_steps
+        super().__post_init__()
 
 
 @dataclass

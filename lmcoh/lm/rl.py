@@ -35,12 +35,13 @@ import numpy as np
 import torch
 from trl import GRPOTrainer
 
+from ..oracle import klrl
 from ..tasks.task import Task
 from .rollout import rollout
 from .scoring import Codec, score_contexts
 from .text import Layout
 
-REWARDS = ("log_q", "success")
+REWARDS = tuple(klrl.REWARDS.values())  # R = sum log max(q, epsilon), or the outcome
 
 
 @dataclass
@@ -83,7 +84,7 @@ class Rollouts:
         self.episodes_sampled = 0
 
     def __call__(self, prompts: list, trainer) -> dict:
-        from .model import LoadedModel
+        from .loading import LoadedModel
 
         model = trainer.accelerator.unwrap_model(trainer.model)
         seed = self.seed_of(trainer.state.global_step, trainer.accelerator.process_index)
@@ -132,6 +133,8 @@ class Rollouts:
         first tokens, its decisions, and per-token log-probabilities (log pi of each action on
         its first token)."""
         ids, actions = self.codec.episode(episode.states, episode.actions)
+        if self.tokenizer.eos_token_id is not None:  # the episode is over: TRL counts it as terminated
+            ids, actions = ids + [self.tokenizer.eos_token_id], actions + [0]
         first = [j for j in range(len(ids)) if actions[j] and not (j and actions[j - 1])]
         mask, logps, decisions = [0] * len(ids), [0.0] * len(ids), []
         for t, j in enumerate(first):
