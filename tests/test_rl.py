@@ -2,13 +2,14 @@
 the policy's own, with the gradient of the renormalised policy, and the settings that would make
 the update anything but REINFORCE on R - beta KL are refused in one line."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
 import torch
 from peft import LoraConfig
 
-from conftest import recipe, tiny_gpt2
+from conftest import ROOT, recipe, tiny_gpt2
 from lmcoh.errors import RunError
 from lmcoh.lm.adapters import add_lora
 from lmcoh.lm.loading import LoadedModel
@@ -16,6 +17,7 @@ from lmcoh.lm.rl import Rollouts, episode_reward
 from lmcoh.lm.rollout import sample_episodes
 from lmcoh.lm.scoring import Codec
 from lmcoh.lm.text import Layout
+from lmcoh.oracle import exact, klrl
 from lmcoh.runs.arguments import parse
 from lmcoh.runs.klrl import check_grpo, make_klrl_parser
 
@@ -134,3 +136,26 @@ def test_the_defaults_are_reinforce_and_sound_settings_are_honoured():
     assert args.reward == "log_q" and args.q_floor == 1e-3 and model.use_peft
     with pytest.raises(RunError, match="use_peft is required"):
         recipe("kl_rl").main(*parse(make_klrl_parser(), GOOD + ["--use_peft", "false"]))
+
+
+# ---- the loop (slow: it samples and trains) ---------------------------------------------------
+def _klrl(*argv):
+    return recipe("kl_rl").main(*parse(make_klrl_parser(), [str(a) for a in argv]))
+
+
+@pytest.mark.slow
+def test_the_mountain_race_reaches_the_exact_optimum(mountain_prior, tmp_path, mountain):
+    """beta = 1/2, R = sum log q: the optimum (temperature 2, G^2(p) from the model's own prior)."""
+    out = _klrl("--config", ROOT / "recipes" / "configs" / "kl_rl_mountain_race.yaml", "--model_name_or_path",
+                mountain_prior, "--max_steps", 100, "--evaluate_every", 50, "--output_dir", tmp_path / "run",
+                "--disable_tqdm", "true")
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 50, 100] and rows[-1]["episodes_sampled"] == 100 * 32
+    assert rows[0]["tv_to_target"] > 0.1 and rows[-1]["tv_to_target"] < 0.03, [r["tv_to_target"] for r in rows]
+    # anyone can recompute the distance from the tables written
+    reference = exact.policy_from_table(mountain, json.loads((out / "rounds" / "0" / "eval.json").read_text())
+                                        ["reference_policy"])
+    target = klrl.optimum(mountain, 0.5, "log_q", reference, 1e-3).policy
+    lm = exact.policy_from_table(mountain, rows[-1]["policy"])
+    assert exact.tv_distance(mountain, lm, target) == pytest.approx(rows[-1]["tv_to_target"], abs=1e-9)
+    assert abs(target[0][0] - 8 / 17) < 0.02 and (out / "report.md").is_file() and (out / "tv.png").is_file()

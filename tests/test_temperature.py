@@ -28,9 +28,10 @@ def compare(*args, **kwargs):
 def temperature_args(*argv):
     return recipe_args(*argv, script_type=TemperatureArguments)
 ROW_KEYS = ["k", "exact_retrain_success", "exact_temperature_success", "exact_tv_retrain_vs_temperature",
+            "exact_klrl_success", "exact_klrl_success_success", "exact_tv_temperature_vs_klrl",
             "lm_retrain_success", "lm_rejection_success", "lm_tv_retrain_vs_rejection",
             "lm_logit_temperature_success", "rejection_samples_per_episode", "retrain_seconds",
-            "rejection_seconds_per_episode"]
+            "retrain_episodes_sampled", "retrain_gradient_steps", "rejection_seconds_per_episode"]
 
 
 def prior_sampler(task):
@@ -130,7 +131,8 @@ def exact_methods(task, K):
         return pi, exact.success(task, pi)
 
     return Methods(prior_sampler(task), lambda k: (retrain[k], exact.success(task, retrain[k])), logit,
-                   [10.0 * max(k - 1, 0) for k in range(K + 1)])
+                   [10.0 * max(k - 1, 0) for k in range(K + 1)], [1000 * max(k - 1, 0) for k in range(K + 1)],
+                   [30 * max(k - 1, 0) for k in range(K + 1)])
 
 
 def test_comparison_json_report_and_plots_lottery(tmp_path):
@@ -222,7 +224,8 @@ def test_lm_retraining_against_rejection_sampling(tmp_path, name, default_prior)
     within 0.05 of its own exact target. Mountain race: retrained LM and rejection agree (TV <= 0.08)."""
     out = recipe("temperature_vs_retraining").main(*temperature_args(
         "--task", name, "--output_dir", tmp_path / "out", "--rounds", 1, "--rejection_episodes", 1500,
-        "--episodes_per_round", 1500, "--model_name_or_path", default_prior(name), "--disable_tqdm", "true"))
+        "--episodes_per_round", 1500, "--model_name_or_path", default_prior(name), "--klrl_max_steps", 0,
+        "--disable_tqdm", "true"))
     rows = json.loads((out / "comparison.json").read_text())["rows"]
     lm = json.loads((out / "details.json").read_text())["lm"]
     assert [list(r) for r in rows] == [ROW_KEYS] * 3

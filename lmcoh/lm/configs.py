@@ -28,26 +28,17 @@ def bf16_available() -> bool:
 
 
 @dataclass
-class PolicySFTConfig(SFTConfig):
-    """TRL's `SFTConfig` with lmcoh's defaults for LoRA on small policy models (see each field's help)."""
+class _PolicyTrainer:
+    """lmcoh's defaults for any TRL trainer of small policy models (see each field's help), and
+    the global batch they derive their per-device batch from."""
 
     global_batch_size: int = field(default=64, metadata={"help": (
-        "lmcoh: sequences per optimiser step over all processes; per_device_train_batch_size is derived as "
-        "global_batch_size / (processes x gradient_accumulation_steps), so any number of processes takes the "
-        "same steps. 0: use per_device_train_batch_size as given.")})
-    num_train_epochs: float = field(default=2.0, metadata={"help": "lmcoh: passes over each round's episodes."})
-    learning_rate: float = field(default=2e-3, metadata={"help": (
-        "lmcoh: the peak learning rate (LoRA on a small model wants far more than TRL's 2e-5).")})
-    per_device_train_batch_size: int = field(default=64, metadata={"help": (
-        "Sequences per step and device; derived from global_batch_size unless that is 0.")})
-    warmup_steps: float = field(default=0.05, metadata={"help": (
-        "lmcoh: linear warmup, in steps or (below 1) as a share of the steps.")})
-    seed: int = field(default=0, metadata={"help": "lmcoh: the run's seed; each round derives its own from it."})
+        "lmcoh: sequences (episodes, for RL) per optimiser step over all processes; per_device_train_batch_size "
+        "is derived as global_batch_size / (processes x gradient_accumulation_steps), so any number of processes "
+        "takes the same steps. 0: use per_device_train_batch_size as given.")})
+    seed: int = field(default=0, metadata={"help": "lmcoh: the run's seed; rounds and steps derive theirs from it."})
     report_to: None | str | list[str] = field(default="none", metadata={"help": (
         "Integrations to report results and logs to (tensorboard, wandb, ...); lmcoh: none.")})
-    save_strategy: SaveStrategy | str = field(default="no", metadata={"help": (
-        "lmcoh: no Trainer checkpoints (each round saves its own model).")})
-    logging_steps: float = field(default=50, metadata={"help": "Log every X update steps."})
     log_level: str = field(default="warning", metadata={"help": "lmcoh: the Trainer logs warnings and errors only.",
                                                         "choices": trainer_log_levels.keys()})
     bf16: bool | None = field(default=None, metadata={"help": (
@@ -57,28 +48,50 @@ class PolicySFTConfig(SFTConfig):
         "constraint).")})
     gradient_checkpointing: bool | None = field(default=None, metadata={"help": (
         "Deprecated alias of activation_checkpointing (TRL's default True is lmcoh's unset).")})
-    completion_only_loss: bool | None = field(default=True, metadata={"help": (
-        "lmcoh: the loss falls on the actions' tokens only (the completion mask).")})
-    max_length: int | None = field(default=None, metadata={"help": "lmcoh: never truncate an episode."})
-    optim: OptimizerNames | str = field(default="adamw_torch", metadata={"help": "The optimizer; lmcoh: torch's AdamW."})
     dataloader_pin_memory: bool = field(default=_CUDA, metadata={"help": "Pin memory (lmcoh: on a GPU only)."})
     use_cpu: bool = field(default=not _CUDA, metadata={"help": (
         "Train on the CPU (lmcoh: where there is no GPU; under torchrun: gloo data parallelism).")})
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": (
         "lmcoh: off (every trainable weight takes part in every step).")})
 
-    def __post_init__(self):
+    def _lmcoh_defaults(self, world: int) -> None:
+        """bf16 where the default is unset; the per-device batch from the global one over ``world`` processes."""
         if self.bf16 is None:
             self.bf16 = bf16_available()
-        super().__post_init__()
         if isinstance(self.global_batch_size, bool) or not isinstance(self.global_batch_size, int) \
                 or self.global_batch_size < 0:
             raise RunError(f"global_batch_size must be >= 0, got {self.global_batch_size!r}")
         if self.per_device_train_batch_size < 1:
             raise RunError(f"per_device_train_batch_size must be >= 1, got {self.per_device_train_batch_size}")
         if self.global_batch_size:
-            self.per_device_train_batch_size = per_device_batch(self.global_batch_size, self.world_size,
+            self.per_device_train_batch_size = per_device_batch(self.global_batch_size, world,
                                                                 self.gradient_accumulation_steps)
+
+
+@dataclass
+class PolicySFTConfig(_PolicyTrainer, SFTConfig):
+    """TRL's `SFTConfig` with lmcoh's defaults for LoRA on small policy models (see each field's help)."""
+
+    num_train_epochs: float = field(default=2.0, metadata={"help": "lmcoh: passes over each round's episodes."})
+    learning_rate: float = field(default=2e-3, metadata={"help": (
+        "lmcoh: the peak learning rate (LoRA on a small model wants far more than TRL's 2e-5).")})
+    per_device_train_batch_size: int = field(default=64, metadata={"help": (
+        "Sequences per step and device; derived from global_batch_size unless that is 0.")})
+    warmup_steps: float = field(default=0.05, metadata={"help": (
+        "lmcoh: linear warmup, in steps or (below 1) as a share of the steps.")})
+    save_strategy: SaveStrategy | str = field(default="no", metadata={"help": (
+        "lmcoh: no Trainer checkpoints (each round saves its own model).")})
+    logging_steps: float = field(default=50, metadata={"help": "Log every X update steps."})
+    completion_only_loss: bool | None = field(default=True, metadata={"help": (
+        "lmcoh: the loss falls on the actions' tokens only (the completion mask).")})
+    max_length: int | None = field(default=None, metadata={"help": "lmcoh: never truncate an episode."})
+    optim: OptimizerNames | str = field(default="adamw_torch", metadata={"help": "The optimizer; lmcoh: torch's AdamW."})
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = bf16_available()
+        super().__post_init__()
+        self._lmcoh_defaults(self.world_size)
 
 
 def per_device_batch(global_batch: int, processes: int, accumulation: int = 1) -> int:
@@ -93,13 +106,10 @@ def per_device_batch(global_batch: int, processes: int, accumulation: int = 1) -
 
 
 @dataclass
-class PolicyGRPOConfig(GRPOConfig):
+class PolicyGRPOConfig(_PolicyTrainer, GRPOConfig):
     """TRL's `GRPOConfig` with lmcoh's defaults for KL-regularised RL on small policy models: plain
     REINFORCE on whole episodes (lmcoh.lm.rl; lmcoh.runs.klrl refuses the settings that are not)."""
 
-    global_batch_size: int = field(default=64, metadata={"help": (
-        "lmcoh: episodes per optimiser step over all processes; per_device_train_batch_size is derived as "
-        "global_batch_size / (processes x gradient_accumulation_steps). 0: use per_device_train_batch_size.")})
     num_generations: int | None = field(default=None, metadata={"help": (
         "Episodes whose mean reward is the baseline of each (GRPO's group); lmcoh: unset, the whole batch "
         "(every episode answers the same prompt).")})
@@ -117,39 +127,15 @@ class PolicyGRPOConfig(GRPOConfig):
         "Importance ratios per token or per sequence; on policy both give the REINFORCE gradient.")})
     disable_dropout: bool = field(default=True, metadata={"help": (
         "lmcoh: on (the episodes are sampled without dropout, so the gradient must be too).")})
-    activation_checkpointing: bool | None = field(default=False, metadata={"help": (
-        "Recompute activations in the backward pass to save memory; lmcoh: off (small models: memory is not the "
-        "constraint).")})
-    gradient_checkpointing: bool | None = field(default=None, metadata={"help": (
-        "Deprecated alias of activation_checkpointing (TRL's default True is lmcoh's unset).")})
-    seed: int = field(default=0, metadata={"help": "lmcoh: the run's seed; each step's episodes derive theirs from it."})
-    report_to: None | str | list[str] = field(default="none", metadata={"help": (
-        "Integrations to report results and logs to (tensorboard, wandb, ...); lmcoh: none.")})
     logging_steps: float = field(default=10, metadata={"help": "Log every X update steps."})
-    log_level: str = field(default="warning", metadata={"help": "lmcoh: the Trainer logs warnings and errors only.",
-                                                        "choices": trainer_log_levels.keys()})
-    bf16: bool | None = field(default=None, metadata={"help": (
-        "bf16 mixed precision; lmcoh's default: only on a GPU that supports it.")})
-    dataloader_pin_memory: bool = field(default=_CUDA, metadata={"help": "Pin memory (lmcoh: on a GPU only)."})
-    use_cpu: bool = field(default=not _CUDA, metadata={"help": (
-        "Train on the CPU (lmcoh: where there is no GPU; under torchrun: gloo data parallelism).")})
-    ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": (
-        "lmcoh: off (every trainable weight takes part in every step).")})
 
     def __post_init__(self):
         import os
 
-        if self.bf16 is None:
-            self.bf16 = bf16_available()
-        if isinstance(self.global_batch_size, bool) or not isinstance(self.global_batch_size, int) \
-                or self.global_batch_size < 0:
-            raise RunError(f"global_batch_size must be >= 0, got {self.global_batch_size!r}")
-        if self.global_batch_size:  # before GRPOConfig derives its generation batch from it
-            self.per_device_train_batch_size = per_device_batch(
-                self.global_batch_size, int(os.environ.get("WORLD_SIZE", "1")), self.gradient_accumulation_steps)
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # GRPOConfig derives its generation batch from these
+        self._lmcoh_defaults(world)
         if self.num_generations is None:
-            self.num_generations = self.per_device_train_batch_size * int(os.environ.get("WORLD_SIZE", "1")) \
-                * self.gradient_accumulation_steps
+            self.num_generations = self.per_device_train_batch_size * world * self.gradient_accumulation_steps
         super().__post_init__()
 
 

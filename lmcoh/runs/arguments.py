@@ -146,11 +146,25 @@ class TemperatureArguments(SelfTrainArguments):
         "Episodes rejection sampling must accept at each k."))
     max_proposals: int = field(default=200_000, metadata=_help(
         "Most episodes rejection sampling may draw from the prior LM at one k."))
+    klrl_k: list[int] = field(default_factory=lambda: [2], metadata=_help(
+        "The k at which KL-regularised RL (beta = 1/k, recipes/kl_rl.py) trains the prior LM, once with "
+        "R = sum log q and once with R = success."))
+    klrl_max_steps: int = field(default=300, metadata=_help(
+        "Optimiser steps of each KL-RL run; 0: no KL-RL runs (its exact columns stay)."))
+    klrl_global_batch_size: int = field(default=32, metadata=_help("Episodes per optimiser step of KL-RL."))
+    klrl_learning_rate: float = field(default=1e-3, metadata=_help("The peak learning rate of KL-RL."))
+    klrl_q_floor: float = field(default=1e-3, metadata=_help(
+        "epsilon of KL-RL's R = sum log max(q, epsilon) (exact and LM)."))
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("rejection_episodes", "max_proposals"):
+        for name in ("rejection_episodes", "max_proposals", "klrl_global_batch_size"):
             _check(name, getattr(self, name), lambda v: v >= 1, "must be >= 1")
+        _check("klrl_max_steps", self.klrl_max_steps, lambda v: v >= 0, "must be >= 0")
+        _check("klrl_learning_rate", self.klrl_learning_rate, lambda v: v > 0 and math.isfinite(v), "must be positive")
+        _check("klrl_q_floor", self.klrl_q_floor, lambda v: 0 < v < 1, "must be in (0, 1)")
+        for k in self.klrl_k:
+            _check("klrl_k", k, lambda v: 1 <= v <= self.rounds + 1, f"must list k in 1..rounds + 1 = {self.rounds + 1}")
 
 
 def _check(name: str, value, ok, what: str) -> None:

@@ -78,6 +78,7 @@ class _Round:
     k: int
     episodes: list = field(default_factory=list)
     kept: int = 0
+    steps: int = 0  # gradient steps
     seconds: dict = field(default_factory=lambda: {"sample": 0.0, "train": 0.0})
 
 
@@ -196,7 +197,7 @@ class SelfTraining(Run):
         logs.mkdir(exist_ok=True)
         with _tensorboard_dir(args, self.run.path / "tensorboard" / f"round_{r.k}"):
             stats = train_sft(model.model, model.tokenizer, examples, args, log_file=logs / f"round_{r.k}.jsonl")
-        r.seconds["train"] = time.perf_counter() - t0
+        r.seconds["train"], r.steps = time.perf_counter() - t0, int(stats.get("global_step", 0))
         return stats
 
     def evaluate(self, model) -> dict | None:
@@ -274,7 +275,7 @@ def _metrics_line(r: _Round, m: dict, eval_seconds: float) -> dict:
         "incoherence": m["incoherence"], "incoherence_finite_part": m["incoherence_finite_part"],
         "target_incoherence": m["target_incoherence"], "token_incoherence": m["token_incoherence"],
         "sampled_success_rate": float(np.mean([ep.success for ep in r.episodes])) if r.episodes else None,
-        "episodes_sampled": len(r.episodes), "episodes_kept": r.kept,
+        "episodes_sampled": len(r.episodes), "episodes_kept": r.kept, "gradient_steps": r.steps,
         "sample_seconds": r.seconds["sample"], "train_seconds": r.seconds["train"], "eval_seconds": eval_seconds})
     return io.jsonable(line)
 
