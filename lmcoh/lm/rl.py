@@ -81,16 +81,14 @@ class Rollouts:
         self.codec = Codec(tokenizer, task, layout, "none")
         self.seed_of, self.batch_size = seed_of, batch_size
         self.decisions: dict[tuple[int, ...], list[Decision]] = {}
-        self.episodes_sampled = 0
 
     def __call__(self, prompts: list, trainer) -> dict:
         from .loading import LoadedModel
 
         model = trainer.accelerator.unwrap_model(trainer.model)
         seed = self.seed_of(trainer.state.global_step, trainer.accelerator.process_index)
-        pairs = list(rollout(LoadedModel(model, self.tokenizer), self.task, len(prompts), goal="none", seed=seed,
-                             batch_size=self.batch_size, progress=False, codec=self.codec))
-        episodes = [episode for episode, _ in pairs]
+        episodes = [ep for ep, _ in rollout(LoadedModel(model, self.tokenizer), self.task, len(prompts), goal="none",
+                                            seed=seed, batch_size=self.batch_size, progress=False, codec=self.codec)]
         with model.disable_adapter():
             reference = self._reference_logprobs(model, episodes)
         self.decisions.clear()
@@ -108,7 +106,6 @@ class Rollouts:
             out["task_reward"].append(r)
             out["kl"].append(kl)
             out["klrl_reward"].append(r - self.beta * kl)
-        self.episodes_sampled += len(episodes)
         return out
 
     def _reference_logprobs(self, model, episodes) -> list[np.ndarray]:

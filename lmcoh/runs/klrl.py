@@ -177,7 +177,10 @@ class KLRL(Run):
         diverged or failed step is one line, and the evaluations written so far stay resumable."""
         checkpoint = self.run.round_dir(done - 1) / "checkpoint" if done > 1 else None
         if checkpoint is not None:
-            self._clock["before"] = float(io.read_json(self.run.round_dir(done - 1) / "metrics.json")["train_seconds"])
+            last = io.read_json(self.run.round_dir(done - 1) / "metrics.json")
+            if last["step"] >= self.grpo.max_steps:
+                return  # trained to the end before: the Trainer would take one more step
+            self._clock["before"] = float(last["train_seconds"])
         self._clock["start"] = time.perf_counter()
         try:
             result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
