@@ -241,3 +241,30 @@ def test_lm_retraining_against_rejection_sampling(tmp_path, name, default_prior)
             f"the success-prompted prior is {lm[1]['retrain_tv_to_exact']:.3f} TV from G(p): "
             "pretraining did not learn goal conditioning (lmcoh.lm.pretrain), so nothing downstream can match")
         assert max(r["lm_tv_retrain_vs_rejection"] for r in rows) <= 0.08
+
+
+def test_four_pressures_with_kl_rl_runs(tmp_path):
+    """KL-RL runs (their metrics.jsonl) join the comparison: exact and LM success, TV and costs."""
+    from lmcoh.io import write_jsonl
+    from lmcoh.oracle import klrl
+
+    task = load_task("stochastic_example")
+    runs = {}
+    for reward in ("log_q", "success"):
+        optimum = klrl.optimum(task, 0.5, reward, epsilon=1e-3).policy
+        runs[(2, reward)] = tmp_path / reward
+        runs[(2, reward)].mkdir()
+        write_jsonl(runs[(2, reward)] / "metrics.jsonl", [{
+            "step": 300, "policy": exact.policy_table(task, optimum), "tv_to_target": 0.01, "episodes_sampled": 9600,
+            "gradient_steps": 300, "train_seconds": 100.0}])
+    comparison, details = compare(task, 2, exact_methods(task, 2), rejection_episodes=500, max_proposals=10_000,
+                                  klrl_runs=runs, epsilon=1e-3)
+    row = comparison["rows"][2]
+    assert row["exact_klrl_success"] == pytest.approx(row["lm_klrl_success"], abs=1e-12)
+    assert abs(row["exact_tv_temperature_vs_klrl"] - abs(7 / 17 - (2 ** 0.5 - 1))) < 1e-9
+    assert [r["tv_to_exact"] for r in details["klrl_lm"]] == pytest.approx([0.0, 0.0], abs=1e-12)
+    (tmp_path / "out").mkdir()
+    write_outputs(tmp_path / "out", comparison, details, task)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Four pressures on stochastic_example" in md and "| 2 | KL-RL beta = 1/k, R = success |" in md
+    assert "KL-RL at beta = 1/k parts ways with temperature" in md and "9600 | 300 | 100.0 |" in md
