@@ -37,7 +37,7 @@ def _policy(task):
 
 def _trainer(model):
     return SimpleNamespace(model=model, state=SimpleNamespace(global_step=3),
-                           accelerator=SimpleNamespace(unwrap_model=lambda m: m, process_index=0))
+                           accelerator=SimpleNamespace(unwrap_model=lambda m: m, process_index=0, num_processes=1))
 
 
 def _rows(out, pad):
@@ -66,7 +66,7 @@ def _whole_text_logpi(model, codec, episode):
 
 def test_completions_score_as_the_policy_with_its_gradient(mountain):
     lm = _policy(mountain)
-    rollouts = Rollouts(mountain, lm.tokenizer, Layout(), "log_q", 0.5, 1e-3, lambda step, rank: step * 7 + rank)
+    rollouts = Rollouts(mountain, lm.tokenizer, Layout(), "log_q", 0.5, 1e-3, lambda step: step * 7)
     out = rollouts([""] * 12, _trainer(lm.model))
     assert set(out) >= {"prompt_ids", "completion_ids", "logprobs", "env_mask", "klrl_reward"}
     assert all(len(p) == 1 for p in out["prompt_ids"])
@@ -78,7 +78,7 @@ def test_completions_score_as_the_policy_with_its_gradient(mountain):
         env = torch.tensor(out["env_mask"][i] + [0] * (keep - len(out["env_mask"][i])), dtype=torch.bool)
         assert int(env.sum()) == len(ep.actions)  # each action once, at its first token
         assert float(logp[i][env].sum().detach()) == pytest.approx(sum(ep.logprobs), abs=1e-5)  # the rollout's own pi
-        assert float(logp[i][~env].abs().sum()) == 0 and bool((entropy[i][env] > 0).all())
+        assert float(logp[i][~env].abs().sum().detach()) == 0 and bool((entropy[i][env] > 0).all())
         assert out["task_reward"][i] == pytest.approx(episode_reward(mountain, ep, "log_q", 1e-3))
         assert out["klrl_reward"][i] == pytest.approx(out["task_reward"][i] - 0.5 * out["kl"][i])
     # the gradient is that of the renormalised policy, from unpadded whole-text rows
@@ -97,7 +97,7 @@ def test_completions_score_as_the_policy_with_its_gradient(mountain):
 
 def test_the_success_reward_is_the_sampled_outcome(mountain):
     lm = _policy(mountain)
-    rollouts = Rollouts(mountain, lm.tokenizer, Layout(), "success", 1.0, 1e-3, lambda step, rank: 5)
+    rollouts = Rollouts(mountain, lm.tokenizer, Layout(), "success", 1.0, 1e-3, lambda step: 5)
     out = rollouts([""] * 32, _trainer(lm.model))
     assert set(out["task_reward"]) <= {0.0, 1.0} and 0 < sum(out["task_reward"]) < 32
 

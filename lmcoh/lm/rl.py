@@ -69,8 +69,8 @@ def episode_reward(task: Task, episode, reward: str, epsilon: float) -> float:
 class Rollouts:
     """GRPOTrainer's ``rollout_func``: episodes of the goal-free policy with their shaped rewards.
 
-    ``seed_of(step, rank)`` seeds the episodes of optimiser step ``step`` on process ``rank``, so
-    a resumed run samples what an uninterrupted one does. `decisions` remembers each completion's
+    ``seed_of(step)`` seeds the episodes of optimiser step ``step`` (each process drawing its rows of
+    one table), so a resumed run samples what an uninterrupted one does, on any number of processes. `decisions` remembers each completion's
     decisions by its tokens, for `KLRLTrainer` to renormalise."""
 
     def __init__(self, task: Task, tokenizer, layout: Layout, reward: str, beta: float, epsilon: float,
@@ -85,10 +85,12 @@ class Rollouts:
     def __call__(self, prompts: list, trainer) -> dict:
         from .loading import LoadedModel
 
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        seed = self.seed_of(trainer.state.global_step, trainer.accelerator.process_index)
-        episodes = [ep for ep, _ in rollout(LoadedModel(model, self.tokenizer), self.task, len(prompts), goal="none",
-                                            seed=seed, batch_size=self.batch_size, progress=False, codec=self.codec)]
+        model, acc, n = trainer.accelerator.unwrap_model(trainer.model), trainer.accelerator, len(prompts)
+        rank = acc.process_index  # each process takes its rows of one seeded table: together, one process's draw
+        episodes = [ep for ep, _ in rollout(LoadedModel(model, self.tokenizer), self.task, n * acc.num_processes,
+                                            goal="none", seed=self.seed_of(trainer.state.global_step),
+                                            batch_size=self.batch_size, progress=False, codec=self.codec,
+                                            rows=range(rank * n, (rank + 1) * n))]
         with model.disable_adapter():
             reference = self._reference_logprobs(model, episodes)
         self.decisions.clear()

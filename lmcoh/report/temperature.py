@@ -179,9 +179,11 @@ def _klrl_reading(rows: list[dict], details: dict) -> list[str]:
     to_t, to_r = details["exact"].get("tv_temperature_vs_klrl"), details["exact"].get("tv_retrain_vs_klrl")
     if not to_t:
         return []
-    if max(to_t) <= TV_ZERO:
-        lines = [f"Exactly, KL-RL at beta = 1/k equals temperature alpha = k at every k (largest TV {max(to_t):.1e}), "
-                 "as it must with deterministic dynamics: only the backup over the environment's move differs."]
+    floor = details["exact"].get("epsilon", 0.0)  # q = 0 counts as epsilon in KL-RL's reward: pi moves by ~epsilon^k
+    if max(to_t) <= max(TV_ZERO, floor):
+        lines = [f"Exactly, KL-RL at beta = 1/k equals temperature alpha = k at every k up to its floor on q (largest "
+                 f"TV {max(to_t):.1e}, epsilon = {floor:g}), as it must with deterministic dynamics: only the backup "
+                 "over the environment's move differs."]
     else:
         lines = [f"Exactly, KL-RL at beta = 1/k parts ways with temperature (largest TV {fmt(max(to_t))}) and with "
                  f"retraining (largest TV {fmt(max(to_r))}): its backup averages the environment's move, where "

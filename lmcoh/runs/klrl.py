@@ -13,7 +13,7 @@ self-training has a round: ``rounds/k`` is evaluation k, after step k x evaluate
 max_steps), with metrics.json (its metrics.jsonl line), eval.json (the `lmcoh evaluate` object of
 the policy), and for k > 0 model/ (the adapter) and checkpoint/ (the Trainer's: adapter, optimiser,
 scheduler, RNG states, trainer state). A rerun resumes from the last complete evaluation's
-checkpoint; the episodes of step s are seeded from (seed, s, process), so it computes the same numbers.
+checkpoint; the episodes of step s are seeded from (seed, s), so it computes the same numbers.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ class KLRL(Run):
                                    save_strategy="steps", save_steps=a.evaluate_every, save_total_limit=None,
                                    save_only_model=False, generation_batch_size=None, steps_per_generation=None)
         rollouts = Rollouts(self.task, policy.tokenizer, self.layout, a.reward, self.beta, a.q_floor,
-                            lambda step, rank: round_seed(self.seed, step + 1, rank), a.sample_batch_size)
+                            lambda step: round_seed(self.seed, step + 1), a.sample_batch_size)
         prompts = datasets.Dataset.from_dict({"prompt": [""] * self.episodes_per_step})
         watch = Divergence(policy.model)
         trainer = KLRLTrainer(policy.model, args, rollouts, prompts, callbacks=[watch, _Evaluations(self, policy)])
