@@ -14,7 +14,7 @@ from conftest import random_standin, shared_model
 from lmcoh.cli import main
 from lmcoh.errors import ModelError
 from lmcoh.lm import gguf as lm_gguf
-from lmcoh.lm.model import load_model
+from lmcoh.lm.loading import load_model
 from lmcoh.lm.scoring import action_logprobs
 from lmcoh.lm.standins import save_gguf
 from lmcoh.lm.text import Layout
@@ -141,7 +141,8 @@ def test_smollm2_from_the_package_index(smollm2_gguf, smollm2_dir):
     model, tok = loaded.model, loaded.tokenizer
     assert type(model).__name__ == "LlamaForCausalLM" and len(tok) == 49152
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
-    assert loaded.meta["gguf"]["sha256"] == lm_gguf.content_hash(Path(smollm2_gguf)) == smollm2_dir.name
+    source = json.loads((smollm2_dir / "lmcoh.json").read_text())["gguf"]
+    assert source["sha256"] == lm_gguf.content_hash(Path(smollm2_gguf)) == smollm2_dir.name
     asked = [{"role": "user", "content": "What is the capital of France?"}]
     assert "You are a helpful AI assistant named SmolLM" in tok.apply_chat_template(asked, tokenize=False)
     ids = tok.apply_chat_template(asked, add_generation_prompt=True, return_tensors="pt", return_dict=True)

@@ -14,6 +14,7 @@ was truncated (a download cut short), is one line naming it, in well under a sec
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -82,7 +83,7 @@ def cached_model_dir(ref: str) -> Path | None:
 
 
 def _converted(out: Path) -> bool:
-    from .model import check_saved_model
+    from .loading import check_saved_model
 
     try:
         check_saved_model(out)
@@ -98,6 +99,13 @@ def seconds_to_convert(parameters: int) -> float:
 
 
 def content_hash(path: Path) -> str:
+    """The SHA-256 of ``path``'s content (hashed once per process while its size and time stay)."""
+    stat = path.stat()
+    return _sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
@@ -131,7 +139,7 @@ def convert(path: Path, out: Path) -> Path:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    from .model import save_model
+    from .loading import save_model
 
     source = dict(gguf_file=path.name, local_files_only=True, trust_remote_code=False)
     try:
