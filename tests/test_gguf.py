@@ -91,6 +91,14 @@ def test_bad_gguf_files_are_one_line_naming_them(gpt2_gguf, tmp_path, capsys, mo
     one_line_error(lambda: load_model(str(tmp_path / "header.gguf")), "header.gguf: cannot read its GGUF header")
     one_line_error(lambda: load_model(str(tmp_path / "text.gguf")), "text.gguf: not a GGUF file")
     one_line_error(lambda: load_model(str(tmp_path / "weights.txt")), "weights.txt: not a GGUF file")
+    writer = gguf.GGUFWriter(str(tmp_path / "unknown.gguf"), "nonesuch")  # a sound file of an unknown family
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    one_line_error(lambda: load_model(str(tmp_path / "unknown.gguf")),
+                   "unknown.gguf: cannot load this GGUF model with transformers")
     two = tmp_path / "two"
     two.mkdir()
     for name in ("a.gguf", "b.gguf"):
@@ -99,6 +107,7 @@ def test_bad_gguf_files_are_one_line_naming_them(gpt2_gguf, tmp_path, capsys, mo
     with monkeypatch.context() as patch:
         patch.setenv("LMCOH_CACHE", str(tmp_path / "weights.txt"))  # a file: no cache can be made there
         one_line_error(lambda: load_model(gpt2_gguf), "cannot write the cache", "set LMCOH_CACHE")
+    capsys.readouterr()
     assert main(["evaluate", str(tmp_path / "truncated.gguf"), "--task", "mountain_race"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("lmcoh: error: ") and "truncated.gguf" in err and "\n" not in err
