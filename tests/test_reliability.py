@@ -276,7 +276,7 @@ def test_a_recipe_refuses_a_hostile_config_in_one_line(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "recipes" / "self_train.py"), "--config", str(config),
                           "--output_dir", str(tmp_path / "out")],
                          capture_output=True, text=True, cwd=ROOT, env=recipe_env())
-    assert run.returncode == 1 and not (tmp_path / "out").exists()
+    assert run.returncode == 2 and not (tmp_path / "out").exists()
     assert run.stderr.strip() == "self_train: error: rounds must be a single value, not a list"
 
 
