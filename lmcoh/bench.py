@@ -124,7 +124,8 @@ def bench_lm(tab_task: str = "random-tree:T=5,A=3,stochastic=1", roll_task: str 
     import torch
 
     from .lm import rollout, scoring, tabulate
-    from .lm.model import LoadedModel, build_tokenizer, default_device, new_llama
+    from .lm.loading import LoadedModel, default_device
+    from .lm.builtin import build_tokenizer, new_llama
     from .lm.pretrain import MODEL_SIZES, pretrain
     from .tasks.library import load_task
 
@@ -219,7 +220,7 @@ def bench_base(task: str = "mountain_race", steps: int | None = None, **settings
     """
     import tempfile
 
-    from .lm.model import load_model, model_layout
+    from .lm.loading import load_model, model_layout
     from .lm.pretrain import pretrain
     from .lm.standins import FAMILIES, build, english_text
     from .lm.tabulate import tabulate
@@ -251,35 +252,32 @@ def bench_base(task: str = "mountain_race", steps: int | None = None, **settings
     return {"task": task, "rows": rows, "target_met": ok}
 
 
-def bench_selftrain(config: str = "mountain_race", rounds: int = 2, extra: tuple[str, ...] = (),
+def bench_selftrain(task: str = "mountain_race", rounds: int = 2, extra: tuple[str, ...] = (),
                     processes: tuple[int, ...] = (1, 2)) -> dict:
     """Seconds per self-training round (sampling, training, evaluation) with 1 and 2 processes.
 
-    recipes/self_train.py under torchrun, with recipes/configs/CONFIG.yaml and a freshly
-    initialised default-size model (speed does not depend on the weights) in label mode, so
-    every sampled episode is trained on: the most work per round. ``extra`` are more flags.
+    `SelfTraining` rounds on ``task`` under torchrun (`selftrain_worker`), with the recipe's
+    defaults and a freshly initialised default-size model (speed does not depend on the weights)
+    in label mode, so every sampled episode is trained on: the most work per round. ``extra``
+    are more recipe flags.
     """
     import subprocess
     import tempfile
 
-    import yaml
-
-    from .lm.model import build_tokenizer, default_device, new_llama, save_model
+    from .lm.builtin import build_tokenizer, new_llama
+    from .lm.loading import default_device, save_model
     from .lm.pretrain import MODEL_SIZES
-    from .runs import RECIPES_DIR
     from .tasks.library import load_task
 
-    out = {"config": config, "device": default_device(), "processes": {}}
+    out = {"task": task, "device": default_device(), "processes": {}}
     with tempfile.TemporaryDirectory(prefix="lmcoh-bench-") as tmp:
-        task = load_task(yaml.safe_load((RECIPES_DIR / "configs" / f"{config}.yaml").read_text())["task"])
-        tokenizer = build_tokenizer(task)
+        tokenizer = build_tokenizer(load_task(task))
         save_model(new_llama(tokenizer, **MODEL_SIZES["tiny"]), tokenizer, f"{tmp}/model", {})
         for n in processes:
             run = subprocess.run(
-                [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
-                 str(RECIPES_DIR / "self_train.py"), "--config", str(RECIPES_DIR / "configs" / f"{config}.yaml"),
-                 "--output_dir", f"{tmp}/run{n}", "--rounds", str(rounds), "--mode", "label",
-                 "--disable_tqdm", "true", "--model_name_or_path", f"{tmp}/model", *extra],
+                [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "-m", "lmcoh.bench",
+                 "--selftrain-worker", "--task", task, "--output_dir", f"{tmp}/run{n}", "--rounds", str(rounds),
+                 "--mode", "label", "--disable_tqdm", "true", "--model_name_or_path", f"{tmp}/model", *extra],
                 capture_output=True, text=True)
             if run.returncode:
                 raise RuntimeError(f"{n} process(es) failed:\n{run.stderr[-2000:]}")
@@ -288,7 +286,7 @@ def bench_selftrain(config: str = "mountain_race", rounds: int = 2, extra: tuple
             out["processes"][n] = {k: sum(r[k] for r in trained) / len(trained)
                                    for k in ("sample_seconds", "train_seconds", "eval_seconds")}
             out["episodes_per_round"] = trained[0]["episodes_sampled"]
-    print(f"self-training: {config}, {out['episodes_per_round']} episodes/round in label mode, "
+    print(f"self-training: {task}, {out['episodes_per_round']} episodes/round in label mode, "
           f"device {out['device']}; mean seconds per trained round")
     print(f"{'processes':>9} {'sample s':>9} {'train s':>8} {'eval s':>7} {'total s':>8}")
     for n, m in out["processes"].items():
@@ -297,10 +295,30 @@ def bench_selftrain(config: str = "mountain_race", rounds: int = 2, extra: tuple
     return out
 
 
+def selftrain_worker(argv: list[str]) -> None:
+    """One process of `bench_selftrain`: the rounds of a `SelfTraining` run, each step timed by the
+    run itself into metrics.jsonl."""
+    from .runs.arguments import make_parser, parse
+    from .runs.selftrain import SelfTraining
+
+    run = SelfTraining(*parse(make_parser(), argv))
+    with run.opened():
+        for k in range(run.args.rounds + 1):
+            with run.round(k):
+                model = run.model(k)
+                if k > 0:
+                    run.train(model, run.keep(model, run.sample(model)))
+                run.evaluate(model)
+
+
 SECTIONS = {"exact": bench_exact, "lm": bench_lm, "base": bench_base, "selftrain": bench_selftrain}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--selftrain-worker"]:
+        selftrain_worker(argv[1:])
+        return 0
     parser = argparse.ArgumentParser(prog="python -m lmcoh.bench", description=__doc__.splitlines()[0])
     for name, fn in SECTIONS.items():
         parser.add_argument(f"--{name}", action="store_true", help=fn.__doc__.splitlines()[0])

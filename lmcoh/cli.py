@@ -16,7 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import LmcohError
+from .errors import DivergenceError, LmcohError
+from .oracle import specs
 from .io import dumps, jsonable, write_jsonl
 from .tasks import budget
 from .tasks.task import Task
@@ -157,7 +158,7 @@ def _cmd_study(args: argparse.Namespace) -> None:
 
 
 # ---- language-model commands ---------------------------------------------------------------------
-# pretrain, evaluate, sample, study: each is a `_cmd_NAME(args)` here plus a parser block in
+# pretrain, evaluate, sample, card: each is a `_cmd_NAME(args)` here plus a parser block in
 # `build_parser` below; import torch / transformers / lmcoh's model modules inside the handler.
 
 def _check_goal_text(args: argparse.Namespace) -> None:
@@ -167,14 +168,13 @@ def _check_goal_text(args: argparse.Namespace) -> None:
 
 def _load_for_task(args: argparse.Namespace):
     """The task, then the model (and adapter) and its layout checked against it: cheap errors first."""
-    from .lm.model import check_task_fits, load_model, model_layout
+    from .lm.loading import open_for_task
     from .tasks.library import load_task
 
     _check_goal_text(args)
     task = load_task(args.task)
-    loaded = load_model(args.model, adapter=args.adapter)
-    layout = model_layout(loaded.meta, args.format, args.prompt, args.goal_text)
-    check_task_fits(loaded, task, layout)
+    loaded, layout = open_for_task(args.model, task, adapter=args.adapter, format=args.format, prompt=args.prompt,
+                                   goal_text=args.goal_text)
     return task, loaded, layout
 
 
@@ -186,8 +186,11 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
     task = load_task(args.task)
     settings = {k: getattr(args, k) for k in ("episodes", "epochs", "seed", "model_size", "learning_rate",
                                               "batch_size", "none_share", "lora_r") if getattr(args, k) is not None}
-    out = pretrain(task, args.out, base=args.base, format=args.format, goal_text=args.goal_text,
-                   progress=not args.quiet, **settings)
+    try:
+        out = pretrain(task, args.out, base=args.base, format=args.format, goal_text=args.goal_text,
+                       progress=not args.quiet, **settings)
+    except DivergenceError as err:
+        raise LmcohError(f"{err}; the learning rate is the likely cause: lower --learning-rate") from None
     what = f"LoRA-conditioned {args.base}" if args.base else "built-in model"
     print(f"{out}: prior for {task.name} ({what}, seed {args.seed})", file=sys.stderr)
 
@@ -241,7 +244,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 def _cmd_card(args: argparse.Namespace) -> None:
     from . import __version__
     from .lm import card
-    from .lm.model import load_model
+    from .lm.loading import load_model
     from .report import card as card_files
     from .tasks.library import builtin_tasks, load_task
 
@@ -310,8 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_nonnegative_int, default=40, help="print at most this many states (default 40)")
     p.add_argument("--plot", metavar="FILE", help="draw the decision graph into FILE (.png or .svg) instead")
     p.add_argument("--policy", metavar="SPEC",
-                   help="the policy drawn: p (default), retrain:K, temperature:A, fold:K, fold_ratio:K, "
-                        "cumulative:K, boltzmann (coherent) or model:DIR (an LM prompted with <success>)")
+                   help=f"the policy drawn: {specs.SPECS} (an LM prompted with <success>); default p")
     p.set_defaults(handler=_cmd_show)
 
     p = sub.add_parser("exact", help="exact success, return and incoherence along every sequence")
@@ -420,8 +422,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tabulation_options(p)
     p.add_argument("--json", action="store_true", help="also print card.json")
     p.set_defaults(handler=_cmd_card)
-
-    # Language-model subcommands (pretrain, evaluate, sample, study) are added here.
     return parser
 
 

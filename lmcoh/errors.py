@@ -28,6 +28,11 @@ class ModelError(LmcohError):
     """A model that cannot be built, loaded or saved."""
 
 
+class DivergenceError(ModelError):
+    """Training made the weights, or the model's probabilities, non-finite. The command that
+    trained adds the hint: which of its flags to change."""
+
+
 class RunError(LmcohError):
     """A bad recipe config, a run directory that cannot be used, or a run that cannot go on."""
 

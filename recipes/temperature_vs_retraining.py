@@ -11,21 +11,21 @@ exact oracle. Theorem 5.9: retraining and temperature agree on deterministic tas
 ways on stochastic ones.
 """
 
-import sys
+import dataclasses
 from pathlib import Path
 
 from accelerate import PartialState
 
+from self_train import main as self_train  # the self-training recipe beside this one
+
 from lmcoh import faults
-from lmcoh.errors import LmcohError
 from lmcoh.io import replace_dir
-from lmcoh.lm.model import model_init_kwargs
 from lmcoh.report.temperature import write_outputs
-from lmcoh.runs import load_recipe
-from lmcoh.runs import selftrain as rounds
 from lmcoh.runs import temperature as compare_
-from lmcoh.runs.arguments import TemperatureArguments, make_parser, parse
+from lmcoh.runs.arguments import TemperatureArguments, make_parser, run_recipe
 from lmcoh.runs.directory import locked
+from lmcoh.runs.selftrain import SelfTraining
+from lmcoh.tasks.library import load_task
 
 
 def compare(task, K: int, methods: compare_.Methods, *, rejection_episodes: int, max_proposals: int,
@@ -49,26 +49,23 @@ def compare(task, K: int, methods: compare_.Methods, *, rejection_episodes: int,
 def main(script_args: TemperatureArguments, training_args, model_args) -> Path:
     """Compare, write ``training_args.output_dir`` (built beside it in NAME.partial and renamed
     into place when complete) and return it."""
-    task = rounds.check_inputs(script_args, training_args, model_args)  # every problem, before any work
-    compare_.check_comparison(script_args, training_args.output_dir, task)
+    task = load_task(script_args.task)
+    compare_.check_comparison(script_args, training_args.output_dir, task)  # every problem, before any work
     out = Path(training_args.output_dir)
     work = out.with_name(out.name + ".partial")
     state = PartialState()
 
     with locked(state, out, "comparison"):
-        # 1. retraining: self-train here (resumable in NAME.partial/self_train), or reuse a run
-        if script_args.selftrain_dir is None:
-            selftrain_dir = work / "self_train"
-            self_train = load_recipe("self_train")
-            self_train.main(compare_.selftrain_args(script_args),
-                            rounds.replace_output_dir(training_args, selftrain_dir), model_args)
-        else:
-            selftrain_dir = Path(script_args.selftrain_dir)
+        # 1. retraining: self-train here (resumable in NAME.partial/self_train), or reuse a finished run
+        selftrain_dir = script_args.selftrain_dir
+        if selftrain_dir is None:
+            selftrain_dir = self_train(compare_.selftrain_args(script_args),
+                                       dataclasses.replace(training_args, output_dir=str(work / "self_train")),
+                                       model_args)
 
         # 2. k = 0..K: rejection sampling at alpha = k, the retrained model, logit temperature 1/k
         if state.is_main_process:
-            methods, K, source = compare_.lm_methods(script_args, task, selftrain_dir,
-                                                     model_init_kwargs(model_args),
+            methods, K, source = compare_.lm_methods(script_args, SelfTraining.from_directory(selftrain_dir, state),
                                                      progress=not training_args.disable_tqdm)
             comparison, details = compare(task, K, methods, rejection_episodes=script_args.rejection_episodes,
                                           max_proposals=script_args.max_proposals, seed=training_args.seed)
@@ -85,9 +82,6 @@ def main(script_args: TemperatureArguments, training_args, model_args) -> Path:
 
 
 if __name__ == "__main__":
-    parser = make_parser(TemperatureArguments, "temperature_vs_retraining", __doc__,
-                         output_dir="outputs/temperature_vs_retraining")
-    try:
-        main(*parse(parser))
-    except LmcohError as err:
-        sys.exit(f"temperature_vs_retraining: error: {err}")
+    run_recipe("temperature_vs_retraining", main,
+               make_parser(TemperatureArguments, "temperature_vs_retraining", __doc__,
+                           output_dir="outputs/temperature_vs_retraining"))

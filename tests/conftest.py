@@ -23,10 +23,13 @@ def recipe_args(*argv, script_type=None) -> tuple:
 
 
 def recipe(name: str):
-    """The module of recipes/NAME.py."""
-    from lmcoh.runs import load_recipe
+    """The module of recipes/NAME.py, imported as a script beside its siblings would import it."""
+    import importlib
+    import sys
 
-    return load_recipe(name)
+    if str(ROOT / "recipes") not in sys.path:
+        sys.path.insert(0, str(ROOT / "recipes"))
+    return importlib.import_module(name)
 
 
 def recipe_env() -> dict:
@@ -36,7 +39,8 @@ def recipe_env() -> dict:
 
 def tiny_llama(task, seed=0):
     """A random 2-layer Llama with lmcoh's word-level tokenizer for ``task``."""
-    from lmcoh.lm.model import LoadedModel, build_tokenizer, new_llama
+    from lmcoh.lm.loading import LoadedModel
+    from lmcoh.lm.builtin import build_tokenizer, new_llama
 
     tokenizer = build_tokenizer(task)
     return LoadedModel(new_llama(tokenizer, hidden_size=32, num_heads=2, seed=seed).eval(), tokenizer)
@@ -49,7 +53,8 @@ def tiny_gpt2(task, seed=0, vocab_size=300):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    from lmcoh.lm.model import LoadedModel, task_words
+    from lmcoh.lm.loading import LoadedModel
+    from lmcoh.lm.builtin import task_words
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -114,7 +119,7 @@ def llama_tokenizer(english):
 
 def random_standin(family, tokenizer, seed=0):
     """A small random model of ``family`` (gpt2 or llama) for ``tokenizer``: scoring needs no training."""
-    from lmcoh.lm.model import LoadedModel
+    from lmcoh.lm.loading import LoadedModel
     from lmcoh.lm.standins import new_model
 
     return LoadedModel(new_model(family, tokenizer, seed, hidden_size=32, num_layers=2).eval(), tokenizer)

@@ -9,7 +9,8 @@ import pytest
 from conftest import random_standin, tiny_gpt2
 from lmcoh import cli
 from lmcoh.lm import card, metrics
-from lmcoh.lm.model import LoadedModel, new_llama
+from lmcoh.lm.builtin import new_llama
+from lmcoh.lm.loading import LoadedModel
 from lmcoh.lm.tabulate import tabulate
 from lmcoh.lm.text import Layout
 from lmcoh.oracle import exact

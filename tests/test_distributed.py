@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from lmcoh.errors import RunError
+
 from conftest import ROOT, recipe, recipe_args, recipe_env
-from lmcoh.runs.selftrain import per_device_batch, shard, shard_sizes
+from lmcoh.lm.configs import per_device_batch
+from lmcoh.runs.selftrain import shard, shard_sizes
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
 
@@ -25,10 +28,13 @@ def test_shards_are_contiguous_and_cover_the_table():
 
 
 def test_the_global_batch_splits_over_processes_and_accumulation():
-    args, sft, _ = recipe_args("--global_batch_size", 64, "--gradient_accumulation_steps", 2)
-    assert [per_device_batch(args, sft, w) for w in (1, 2, 4)] == [32, 16, 8]
-    args, sft, _ = recipe_args("--global_batch_size", 0, "--per_device_train_batch_size", 24)
-    assert per_device_batch(args, sft, 2) == 24  # 0: the Trainer's own per-device batch
+    assert [per_device_batch(64, w, 2) for w in (1, 2, 4)] == [32, 16, 8]
+    _, sft, _ = recipe_args("--global_batch_size", 64, "--gradient_accumulation_steps", 2)
+    assert sft.per_device_train_batch_size == 32  # derived in __post_init__ (one process here)
+    _, sft, _ = recipe_args("--global_batch_size", 0, "--per_device_train_batch_size", 24)
+    assert sft.per_device_train_batch_size == 24  # 0: the Trainer's own per-device batch
+    with pytest.raises(RunError, match="global_batch_size 63 does not split evenly over 2 process"):
+        per_device_batch(63, 2)
 
 
 def test_sampling_shards_draw_the_episodes_of_one_process(mountain):

@@ -15,7 +15,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from conftest import task_from_yaml, tiny_gpt2
 from lmcoh.errors import BudgetError, ModelError
 from lmcoh.lm import memory, scoring
-from lmcoh.lm.model import LoadedModel, build_tokenizer, new_llama
+from lmcoh.lm.builtin import build_tokenizer, new_llama
+from lmcoh.lm.loading import LoadedModel
 from lmcoh.lm.tabulate import tabulate
 from lmcoh.lm.text import Layout
 

@@ -105,7 +105,7 @@ def test_evaluate_a_random_model(ring):
 
 @pytest.fixture(params=["mountain_race", "random-tree:T=3,A=2,seed=0,stochastic=1"])
 def pretrained(request, default_prior):
-    from lmcoh.lm.model import load_model
+    from lmcoh.lm.loading import load_model
     from lmcoh.tasks.library import load_task
 
     return load_task(request.param), load_model(default_prior(request.param), device="cpu")

@@ -7,9 +7,9 @@ from peft import LoraConfig
 
 from conftest import tiny_gpt2
 from lmcoh.tasks.generators import generate
-from lmcoh.lm.model import (META_FILE, LoadedModel, ModelError, add_lora, build_tokenizer, check_saved_model,
-                            check_task_fits,
-                         load_model, new_llama, save_model)
+from lmcoh.lm.adapters import add_lora
+from lmcoh.lm.builtin import build_tokenizer, new_llama
+from lmcoh.lm.loading import META_FILE, LoadedModel, ModelError, check_saved_model, check_task_fits, load_model, save_model
 from lmcoh.lm.scoring import action_logprobs
 from lmcoh.lm.text import Writer
 

@@ -9,7 +9,7 @@ from conftest import tiny_gpt2
 from lmcoh.oracle import exact
 from lmcoh.cli import main
 from lmcoh.tasks.generators import generate
-from lmcoh.lm.model import load_model, model_layout
+from lmcoh.lm.loading import load_model, model_layout
 from lmcoh.lm.tabulate import tabulate
 from lmcoh.lm.pretrain import DEFAULTS, pretrain
 from lmcoh.tasks.task import Task

@@ -18,7 +18,8 @@ from lmcoh.cli import main as cli
 from lmcoh.errors import BudgetError, LmcohError, ModelError, RunError
 from lmcoh.io import exclusive
 from lmcoh.runs.directory import RunDirectory, resolved_config
-from lmcoh.runs.selftrain import check_inputs
+from lmcoh.lm.configs import per_device_batch
+from lmcoh.runs.selftrain import SelfTraining
 from lmcoh.tasks import budget
 from lmcoh.tasks.library import load_task
 
@@ -209,7 +210,7 @@ def test_a_model_with_non_finite_weights_is_refused_when_scored(mountain):
 
 @pytest.mark.slow
 def test_a_diverging_round_stops_the_run_and_writes_nothing(tmp_path):
-    from lmcoh.lm.model import save_model
+    from lmcoh.lm.loading import save_model
 
     task = load_task("mountain_race")
     lm = tiny_llama(task)
@@ -261,9 +262,8 @@ def test_sixty_malformed_configs_fail_in_one_line_before_any_work(tmp_path, monk
         with pytest.raises(LmcohError) as err:
             out = [] if "output_dir" in text else ["--output_dir", tmp_path / f"run{i}"]
             args = recipe_args("--config", config, *out)
-            check_inputs(*args)
-            from lmcoh.runs.selftrain import per_device_batch
-            per_device_batch(args[0], args[1], 2)  # two processes: 63 does not split
+            SelfTraining(*args)
+            per_device_batch(args[1].global_batch_size, 2)  # two processes: 63 does not split
         message = str(err.value)
         assert message and "\n" not in message and "Traceback" not in message, (text, message)
         assert not (tmp_path / f"run{i}").exists(), text
@@ -276,7 +276,7 @@ def test_a_recipe_refuses_a_hostile_config_in_one_line(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "recipes" / "self_train.py"), "--config", str(config),
                           "--output_dir", str(tmp_path / "out")],
                          capture_output=True, text=True, cwd=ROOT, env=recipe_env())
-    assert run.returncode == 1 and not (tmp_path / "out").exists()
+    assert run.returncode == 2 and not (tmp_path / "out").exists()
     assert run.stderr.strip() == "self_train: error: rounds must be a single value, not a list"
 
 

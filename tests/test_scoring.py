@@ -7,7 +7,7 @@ import torch
 from conftest import brute_logprobs, random_standin
 from lmcoh.errors import ModelError
 from lmcoh.lm import scoring
-from lmcoh.lm.model import LoadedModel
+from lmcoh.lm.loading import LoadedModel
 from lmcoh.lm.text import Layout, Writer
 
 CASES = [("gpt2", "compact"), ("gpt2", "natural"), ("llama", "compact"), ("llama", "natural"), ("llama", "chat")]

@@ -15,7 +15,7 @@ from lmcoh.errors import RunError
 from lmcoh.oracle import exact
 from lmcoh.report import selftrain as report
 from lmcoh.runs.directory import RunDirectory, resolved_config
-from lmcoh.runs.selftrain import round_args, round_seed, shard_sizes, training_examples
+from lmcoh.runs.selftrain import SelfTraining, round_seed, shard_sizes, training_examples
 from lmcoh.tasks.library import load_task
 
 
@@ -85,13 +85,19 @@ def test_every_recipe_config_loads_and_names_a_builtin_task():
         load_task(args.task)
 
 
-def test_round_args_derive_from_the_users_sftconfig(tmp_path):
-    _, sft, _ = recipe_args("--gradient_accumulation_steps", "3", "--seed", "7", "--output_dir", tmp_path)
-    run = RunDirectory(tmp_path)
+def test_each_rounds_trainer_settings_are_the_users_with_the_loop_overrides(tmp_path, monkeypatch):
+    """`SelfTraining.train` hands TRL the user's SFTConfig with only LOOP_OVERRIDES changed."""
+    from lmcoh.lm import training
+
+    seen = []
+    monkeypatch.setattr(training, "train_sft", lambda model, tok, examples, args, **kw: seen.append(args) or {})
+    run = SelfTraining(*recipe_args("--gradient_accumulation_steps", "2", "--seed", "7", "--output_dir", tmp_path))
     for k in (1, 2):
-        args = round_args(sft, run, k, 16)
-        assert args.gradient_accumulation_steps == 3 and args.learning_rate == sft.learning_rate
-        assert args.per_device_train_batch_size == 16
+        with run.round(k):
+            run.train(type("M", (), {"model": None, "tokenizer": None})(), [])
+    for k, args in zip((1, 2), seen):
+        assert args.gradient_accumulation_steps == 2 and args.learning_rate == run.sft.learning_rate
+        assert args.per_device_train_batch_size == 32  # global 64 over 1 process x 2 accumulation steps
         assert args.seed == args.data_seed == round_seed(7, k)
         assert args.output_dir == str(tmp_path / "trainer" / f"round_{k}")
 
@@ -258,7 +264,7 @@ def test_report_pictures_the_final_round_beside_its_target(tmp_path):
 # ---- the loop, with a tiny untrained model (slow: it samples and trains) -----------------------
 def _tiny_model_dir(task, path: Path) -> str:
     from conftest import tiny_llama
-    from lmcoh.lm.model import save_model
+    from lmcoh.lm.loading import save_model
 
     loaded = tiny_llama(task)
     save_model(loaded.model, loaded.tokenizer, path, {})
@@ -294,7 +300,7 @@ def test_killed_run_resumes_to_the_uninterrupted_metrics(tmp_path):
             assert x[key] == pytest.approx(y[key], abs=1e-6), key
     assert a[1]["episodes_sampled"] == 64 and a[1]["episodes_kept"] == 64  # label mode keeps all
     assert set(a[0]) == {"round", "success", "target_success", "tv_to_target", "incoherence",
-                         "target_incoherence", "token_incoherence", "sampled_success_rate",
+                         "incoherence_finite_part", "target_incoherence", "token_incoherence", "sampled_success_rate",
                          "episodes_sampled", "episodes_kept", "sample_seconds", "train_seconds",
                          "eval_seconds"}
     assert (resumed / "rounds" / "2" / "model" / "adapter_config.json").is_file()

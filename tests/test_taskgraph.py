@@ -174,7 +174,7 @@ def test_bad_specs_raise_one_line(mountain, spec):
 
 
 def test_model_spec_tabulates_the_lm(mountain, tmp_path):
-    from lmcoh.lm.model import save_model
+    from lmcoh.lm.loading import save_model
     from lmcoh.lm.tabulate import tabulate
 
     lm = tiny_llama(mountain, seed=3)

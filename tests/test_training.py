@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from conftest import random_standin
-from lmcoh.lm.model import add_lora, add_markers, lora_config
+from lmcoh.lm.adapters import add_lora, add_markers, lora_config
 from lmcoh.lm.text import MARKERS, Layout
-from lmcoh.lm.training import episode_examples, expose_head_bias, sft_config, train_sft
+from lmcoh.lm.configs import PolicySFTConfig
+from lmcoh.lm.training import episode_examples, expose_head_bias, train_sft
 from lmcoh.tasks.episodes import sample_outcome_balanced
 
 
@@ -53,8 +54,8 @@ def test_training_updates_lora_and_the_new_rows_only(family, tied, gpt2_tokenize
     base = lm.model.get_base_model()
     before_in = base.get_input_embeddings().weight.detach().clone()
     before_out = base.get_output_embeddings().weight.detach().clone()
-    args = sft_config(output_dir=str(tmp_path), num_train_epochs=1, per_device_train_batch_size=4,
-                      learning_rate=1e-2, disable_tqdm=True)
+    args = PolicySFTConfig(output_dir=str(tmp_path), num_train_epochs=1, global_batch_size=4,
+                           learning_rate=1e-2, disable_tqdm=True)
     train_sft(lm.model, lm.tokenizer, examples(lm, mountain), args)
     after_in = base.get_input_embeddings().weight.detach().cpu()  # the Trainer may have moved it to a GPU
     after_out = base.get_output_embeddings().weight.detach().cpu()
@@ -75,7 +76,7 @@ def test_trl_fused_head_needs_the_wrappers_bias(gpt2_tokenizer, mountain, tmp_pa
     lm, _ = conditioned("gpt2", gpt2_tokenizer)
     ids = examples(lm, mountain, 2)
     data = datasets.Dataset.from_dict({"input_ids": [i for i, _ in ids], "completion_mask": [m for _, m in ids]})
-    args = sft_config(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, disable_tqdm=True)
+    args = PolicySFTConfig(output_dir=str(tmp_path), max_steps=1, global_batch_size=2, disable_tqdm=True)
     with pytest.raises(AttributeError, match="bias"):
         SFTTrainer(model=lm.model, args=args, train_dataset=data, processing_class=lm.tokenizer).train()
     expose_head_bias(lm.model)

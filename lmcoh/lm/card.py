@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from ..errors import LmcohError
 from ..oracle import exact
 from .metrics import evaluate
-from .model import check_task_fits, model_layout
+from .loading import check_task_fits, model_layout
 from .text import Layout
 
 DEFAULT_GOAL_TEXT = "Choose so that you succeed."  # for a model that never learned the goal token

@@ -25,7 +25,6 @@ learning rate over many epochs; a pretrained one needs a few epochs of LoRA.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from contextlib import nullcontext
@@ -104,25 +103,23 @@ def pretrain(task: Task, out_dir: str | Path, *, base: str | None = None, format
     holds ``out_dir``'s lock and saves.
     """
     config = PretrainConfig(**settings).resolved(base is not None)
-    from .model import check_out_dir
+    from .loading import check_out_dir
     from .training import is_main_process
 
     check_out_dir(out_dir)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if config.batch_size % world:
-        raise ModelError(f"the batch size {config.batch_size} does not split evenly over {world} processes")
     with exclusive(out_dir, "pretraining") if is_main_process() else nullcontext():
-        return _pretrain(task, Path(out_dir), config, base, format, goal_text, config.batch_size // world,
-                         progress, report_to)
+        return _pretrain(task, Path(out_dir), config, base, format, goal_text, progress, report_to)
 
 
 def _pretrain(task: Task, out: Path, config: PretrainConfig, base: str | None, format: str | None,
-              goal_text: str | None, per_device_batch: int, progress: bool, report_to: str) -> Path:
+              goal_text: str | None, progress: bool, report_to: str) -> Path:
     import torch
 
-    from .model import (add_lora, add_markers, build_tokenizer, check_task_fits, load_model, lora_config,
-                        model_layout, new_llama, save_model)
-    from .training import episode_examples, is_main_process, sft_config, train_sft
+    from .adapters import add_lora, add_markers, lora_config
+    from .builtin import build_tokenizer, new_llama
+    from .loading import check_task_fits, load_model, model_layout, save_model
+    from .configs import PolicySFTConfig
+    from .training import episode_examples, is_main_process, train_sft
 
     started = time.perf_counter()
     if base is not None:
@@ -154,9 +151,9 @@ def _pretrain(task: Task, out: Path, config: PretrainConfig, base: str | None, f
     examples = episode_examples(tokenizer, task, layout, labelled + [("none", e) for e in
                                                                      sample_prior_episodes(task, n_bare, rng)])
     with tempfile.TemporaryDirectory(prefix="lmcoh-pretrain-") as scratch:
-        args = sft_config(output_dir=scratch, num_train_epochs=config.epochs, learning_rate=config.learning_rate,
-                          per_device_train_batch_size=per_device_batch, seed=config.seed, data_seed=config.seed,
-                          report_to=report_to, disable_tqdm=not progress)
+        args = PolicySFTConfig(output_dir=scratch, num_train_epochs=config.epochs, learning_rate=config.learning_rate,
+                               global_batch_size=config.batch_size, seed=config.seed, data_seed=config.seed,
+                               report_to=report_to, disable_tqdm=not progress)
         stats = train_sft(model, tokenizer, examples, args, average_last=config.average_last)
     faults.point("pretrain")
     if base is not None:

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from ..errors import ModelError
+from ..errors import DivergenceError, ModelError
 from ..tasks.task import Task
 from . import memory
 from .text import Layout, Writer, goal_prefix
@@ -413,7 +413,7 @@ def renormalise(logp: np.ndarray) -> np.ndarray:
 def check_finite(logp: np.ndarray) -> None:
     """`ModelError` for scores a sound model cannot give (NaN, or every action impossible)."""
     if np.isnan(logp).any() or not np.isfinite(logp.max()):
-        raise ModelError("the model's action probabilities are not finite: its weights hold NaN or inf "
+        raise DivergenceError("the model's action probabilities are not finite: its weights hold NaN or inf "
                          "(a diverged training run)")
 
 

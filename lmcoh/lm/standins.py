@@ -157,7 +157,7 @@ def build(family: str, out_dir: str | Path, seed: int = 0, steps: int = 400, tex
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         train_on_text(model, tokenizer, text, steps=steps, seed=seed)
-    from .model import quiet_hf
+    from .loading import quiet_hf
 
     out = Path(out_dir)
     with quiet_hf():

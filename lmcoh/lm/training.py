@@ -7,57 +7,24 @@ format) with a mask of the actions' tokens, given to TRL as its ``completion_mas
 falls on the actions the policy writes, not on the states the environment writes. Launched
 under ``torchrun`` or ``accelerate launch``, the Trainer runs data-parallel by itself.
 
-The trainer settings are TRL's own `SFTConfig`. `SFT_DEFAULTS` lists the few whose defaults
-lmcoh changes for small policy models on a CPU (TRL does the same to `TrainingArguments`);
-the recipes show them in ``--help`` and a user's config or flag overrides each.
+The trainer settings are TRL's own `SFTConfig`, with the few defaults lmcoh changes for small
+policy models redeclared by `lmcoh.lm.configs.PolicySFTConfig` (as TRL does to `TrainingArguments`).
+The Trainer's log lines (loss, learning rate, ...) go to a log file and TensorBoard, not the terminal.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 from .. import faults
-from ..errors import ModelError
-
-
-def _bf16_available() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-def sft_defaults() -> dict:
-    """lmcoh's defaults for `SFTConfig` fields, where they differ from TRL's."""
-    cuda = torch.cuda.is_available()
-    return {
-        "num_train_epochs": 2.0,
-        "learning_rate": 2e-3,             # LoRA on a tiny model: far above TRL's 2e-5
-        "per_device_train_batch_size": 64,
-        "warmup_steps": 0.05,              # a share of the steps
-        "seed": 0,
-        "report_to": "none",
-        "save_strategy": "no",             # each round saves its own model (rounds/k/model)
-        "logging_steps": 50,
-        "log_level": "warning",
-        "bf16": _bf16_available(),         # TRL's default True refuses to start on a CPU
-        "gradient_checkpointing": False,   # tiny models: memory is not the constraint
-        "activation_checkpointing": False,
-        "completion_only_loss": True,      # the loss falls on the actions' tokens (the completion mask)
-        "max_length": None,                # never truncate an episode
-        "optim": "adamw_torch",
-        "dataloader_pin_memory": cuda,
-        "use_cpu": not cuda,               # under torchrun on a CPU: gloo data parallelism
-        "ddp_find_unused_parameters": False,  # every trainable weight takes part in every step
-    }
-
-
-def sft_config(**overrides):
-    """An `SFTConfig` with `sft_defaults` and ``overrides`` (which must name SFTConfig fields)."""
-    from trl import SFTConfig
-
-    return SFTConfig(**{**sft_defaults(), **overrides})
+from ..errors import DivergenceError
+from ..io import dumps
 
 
 def is_main_process() -> bool:
@@ -83,13 +50,14 @@ def episode_examples(tokenizer, task, layout, episodes) -> list[tuple[list[int],
 
 
 def train_sft(model, tokenizer, examples: list[tuple[list[int], list[int]]], args, *,
-              average_last: float = 0.0) -> dict:
+              average_last: float = 0.0, log_file: str | Path | None = None) -> dict:
     """Train ``model`` in place on ``examples`` (token ids, loss mask) with the loss on the masked
     tokens (`episode_examples`).
 
     ``args`` is the `SFTConfig`, used as given. With ``average_last`` > 0 the trained weights
     end as the running mean of the weights over that final share of the steps (tail
     averaging): the last minibatches no longer jitter the learned action probabilities.
+    The Trainer's log dicts are appended to ``log_file`` (JSON lines), never printed.
     Returns the Trainer's metrics (``train_loss``, ``train_runtime``, ...) plus ``global_step``.
     """
     import datasets
@@ -110,12 +78,38 @@ def train_sft(model, tokenizer, examples: list[tuple[list[int], list[int]]], arg
     trainer.add_callback(watch)
     if average_last > 0:
         trainer.add_callback(TailAverage(model, average_last))
-    if args.disable_tqdm:
-        trainer.remove_callback(PrinterCallback)  # it prints every log dict when tqdm is off
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict when tqdm is off
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(_QuietProgress())   # the bar, without the log dicts it writes under it
+    if log_file is not None:
+        trainer.add_callback(_LogFile(log_file))
     result = trainer.train()
     model.eval()
     watch.check(result.training_loss, args)
     return {**result.metrics, "global_step": result.global_step}
+
+
+class _QuietProgress(ProgressCallback):
+    """The Trainer's progress bar, without the log dicts it prints between its updates."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
+class _LogFile(TrainerCallback):
+    """Append every log dict of the Trainer (main process) to a JSON-lines file."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.path.write_text("")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with self.path.open("a") as f:
+                f.write(dumps({"step": state.global_step, **logs}) + "\n")
 
 
 class Divergence(TrainerCallback):
@@ -142,8 +136,7 @@ class Divergence(TrainerCallback):
         if self.step is None and math.isfinite(train_loss) and self._finite():
             return
         where = f"non-finite weights after step {self.step}" if self.step is not None else "non-finite loss"
-        raise ModelError(f"training diverged ({where}); the learning rate ({args.learning_rate:g}) is the likely "
-                         "cause: lower --learning_rate or --max_grad_norm")
+        raise DivergenceError(f"training diverged ({where})")
 def expose_head_bias(model) -> None:
     """Let TRL's fused loss read the output layer's bias through peft's trainable-token wrapper.
 

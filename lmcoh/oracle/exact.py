@@ -242,13 +242,30 @@ def _success_from_values(task: Task, V: list[np.ndarray]) -> float:
     return s + float(np.sum(task.start_prob[term] * np.exp(task.terminal_logq[term])))
 
 
-def optimal_success(task: Task) -> float:
-    """max over policies of the success probability (hard max backup)."""
+def optimal_values(task: Task) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Q* and V* in log space: the best success probability from (s, a) and from s (hard max backup)."""
     def best(t: int, q: np.ndarray) -> np.ndarray:
         return task.layers[t].by_state.max(q)
 
-    _, V = _backup(task, best)
-    return _success_from_values(task, V)
+    return _backup(task, best)
+
+
+def optimal_success(task: Task) -> float:
+    """max over policies of the success probability."""
+    return _success_from_values(task, optimal_values(task)[1])
+
+
+def max_backup(task: Task, Q: list[np.ndarray]) -> list[np.ndarray]:
+    """One step of value iteration on action values ``Q`` (log space): log q(s, a) + log E[max_a' exp Q(s', a')].
+    From any Q, ``task.steps - 1`` steps reach Q*."""
+    out = []
+    for t, layer in enumerate(task.layers):
+        v = np.where(task.terminal, task.terminal_logq, task.timeout_logq)
+        if t + 1 < task.steps:
+            nxt = task.layers[t + 1]
+            v[nxt.states] = nxt.by_state.max(Q[t + 1])
+        out.append(task.action_logq[layer.actions] + _continuation(layer, v))
+    return out
 
 
 def acceptance_rate(task: Task, alpha: float) -> float:

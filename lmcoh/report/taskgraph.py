@@ -31,8 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import LmcohError
-from ..oracle import exact
+from ..oracle import exact, specs
 from ..tasks.task import Task
 from .plots import pyplot, save
 
@@ -43,7 +42,6 @@ MAX_WIDTH = 4.0    # line width, in points, of an edge of probability 1
 CHANCE_X = 0.6     # how far into the step a chance node stands (room for the action's label)
 LABEL_AT = {"action": 0.5, "chance": 0.4}  # where along its edge a label stands
 STATE_COLOUR, CHANCE_COLOUR = "#e6ecf5", "#333333"
-SPECS = "p, retrain:K, temperature:A, fold:K, fold_ratio:K, cumulative:K, boltzmann or model:DIR"
 
 
 @dataclass
@@ -441,45 +439,13 @@ def plot_policies(path: str | Path, task: Task, panels: list[tuple[str, exact.Po
 
 # ---- which policy ------------------------------------------------------------------------------
 def policy_from_spec(task: Task, spec: str) -> tuple[str, exact.Policy]:
-    """(a title, the policy) for a policy SPEC: ``p`` (the prior), ``retrain:K`` (G^K(p)),
-    ``temperature:A`` (pi_alpha), ``fold:K``, ``fold_ratio:K``, ``cumulative:K`` (the folded
-    sequences at k = K), ``boltzmann`` (the coherent limit of Boltzmann iteration, delta = 1)
-    or ``model:DIR`` (an LM prompted with <success>, tabulated). One-line `LmcohError` otherwise."""
-    kind, colon, arg = spec.partition(":")
-    if spec == "p":
-        return "p (the prior)", exact.prior_policy(task)
-    if spec == "boltzmann":
-        return "coherent: Boltzmann iteration to its limit", exact.boltzmann_iteration(task)[-1]
-    if kind == "model" and arg:
-        return _lm_policy(task, arg)
-    if kind in ("retrain", "fold", "fold_ratio", "cumulative") and colon:
-        k = _number(spec, arg, int)
-        names = {"retrain": "G(p)" if k == 1 else f"G^{k}(p)", "fold": f"fold (Def 5.7), k = {k}",
-                 "fold_ratio": f"fold of log(pi/p), k = {k}", "cumulative": f"cumulative fold, k = {k}"}
-        return names[kind], exact.sequence(task, kind, k)[-1]
-    if kind == "temperature" and colon:
-        alpha = _number(spec, arg, float)
-        return f"temperature alpha = {alpha:g}", exact.temperature_policy(task, alpha)
-    raise LmcohError(f"policy {spec!r}: choose one of {SPECS}")
-
-
-def _number(spec: str, text: str, kind: type) -> int | float:
-    what = "a whole number >= 0" if kind is int else "a finite number >= 0"
-    try:
-        value = kind(text)
-    except ValueError:
-        raise LmcohError(f"policy {spec!r}: {text!r} is not {what}") from None
-    if not 0 <= value < math.inf:
-        raise LmcohError(f"policy {spec!r}: {text!r} is not {what}")
-    return value
-
-
-def _lm_policy(task: Task, directory: str) -> tuple[str, exact.Policy]:
-    from ..lm.model import check_task_fits, load_model, model_layout  # torch: only for an LM policy
+    """(a title, the policy) for a policy SPEC (`lmcoh.oracle.specs`); ``model:DIR`` is a language
+    model prompted with <success>, tabulated."""
+    directory = specs.model_dir(spec)
+    if directory is None:
+        return specs.exact_policy(task, spec)
+    from ..lm.loading import open_for_task  # torch: only for an LM policy
     from ..lm.tabulate import tabulate
 
-    loaded = load_model(directory)
-    layout = model_layout(loaded.meta)
-    check_task_fits(loaded, task, layout)
-    lm = tabulate(loaded, task, "success", layout=layout)
-    return f"LM {directory} prompted with <success>", lm.policy
+    loaded, layout = open_for_task(directory, task)
+    return f"LM {directory} prompted with <success>", tabulate(loaded, task, "success", layout=layout).policy

@@ -2,7 +2,7 @@
 
 A recipe is configured by three dataclasses: its own (`SelfTrainArguments`,
 `TemperatureArguments`), TRL's `SFTConfig` (every trainer setting) and TRL's `ModelConfig`
-(the model and its LoRA adapter). `parse` reads them with a `TrlParser`, so
+(the model and its LoRA adapter), the last two as lmcoh.lm.configs redeclares their defaults. `parse` reads them with a `TrlParser`, so
 ``--config FILE.yaml`` sets any field and a flag overrides the file. Fields are typed by
 the parser; the checks live in ``__post_init__``.
 
@@ -55,10 +55,6 @@ class SelfTrainArguments:
     goal_text: str | None = field(default=None, metadata=_help(
         "A statement of the success goal written in place of the <success> token; unset: the model's own."))
     sample_batch_size: int = field(default=256, metadata=_help("Episodes sampled in one batch."))
-    global_batch_size: int = field(default=64, metadata=_help(
-        "Sequences per optimiser step over all processes: each round sets per_device_train_batch_size to "
-        "global_batch_size / (processes x gradient_accumulation_steps), so any number of processes takes "
-        "the same steps. 0: use per_device_train_batch_size as given."))
     pretrain_episodes: int = field(default=DEFAULTS["built-in"]["episodes"], metadata=_help(
         "Episodes to pretrain the built-in prior on (when model_name_or_path is empty)."))
     pretrain_epochs: float = field(default=DEFAULTS["built-in"]["epochs"], metadata=_help(
@@ -81,7 +77,6 @@ class SelfTrainArguments:
                      "eval_episodes"):
             _check(name, getattr(self, name), lambda v: v >= 1, "must be >= 1")
         _check("rounds", self.rounds, lambda v: v >= 0, "must be >= 0")
-        _check("global_batch_size", self.global_batch_size, lambda v: v >= 0, "must be >= 0")
         if self.memory_limit_gb is not None:
             _check("memory_limit_gb", self.memory_limit_gb, lambda v: v > 0 and math.isfinite(v), "must be positive")
         for name in ("pretrain_epochs", "delta"):
@@ -119,27 +114,11 @@ def _check(name: str, value, ok, what: str) -> None:
         raise RunError(f"{name} {what}, got {value!r}")
 
 
-# ---- lmcoh's defaults for TRL's dataclasses ---------------------------------------------------
-def model_defaults() -> dict:
-    """lmcoh's defaults for `ModelConfig` fields, where they differ from TRL's."""
-    return {"use_peft": True, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
-            "lora_target_modules": ["all-linear"]}
-
-
-def recipe_defaults() -> dict:
-    """Every default lmcoh sets on the recipes' `SFTConfig` and `ModelConfig` fields."""
-    from ..lm.training import sft_defaults
-
-    return {**sft_defaults(), **model_defaults()}
-
-
 # What the loop sets in each round's `SFTConfig`, whatever the user's config says (shown by --help).
 LOOP_OVERRIDES = {
     "output_dir": "OUTPUT_DIR/trainer/round_K (the Trainer's scratch, deleted after the round; "
                   "the round's model is saved to OUTPUT_DIR/rounds/K/model)",
     "seed": "derived from (seed, K), so every round draws fresh but reproducible randomness",
-    "per_device_train_batch_size": "global_batch_size / (processes x gradient_accumulation_steps), "
-                                   "unless global_batch_size is 0",
     "data_seed": "the same as seed when unset",
     "TensorBoard": "logs of round K go to OUTPUT_DIR/tensorboard/round_K",
 }
@@ -156,7 +135,11 @@ RUN_NEUTRAL = {"output_dir", "rounds", "overwrite", "report_to", "run_name", "pr
 RUN_NEUTRAL_PREFIXES = ("hub_", "trackio_")
 
 
-def is_run_neutral(name: str) -> bool:
+def is_run_neutral(name: str, config: dict) -> bool:
+    """Whether setting ``name`` may differ when a run resumes (``config``: the run's settings). The
+    per-device batch is derived from the global batch, which is what a run is about."""
+    if name == "per_device_train_batch_size" and config.get("global_batch_size"):
+        return True
     return name in RUN_NEUTRAL or name.startswith(RUN_NEUTRAL_PREFIXES)
 
 
@@ -167,12 +150,15 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 def make_parser(script_type: type = SelfTrainArguments, prog: str | None = None, description: str = "",
                 output_dir: str = "outputs/self_train"):
-    """A `TrlParser` over (``script_type``, `SFTConfig`, `ModelConfig`) with lmcoh's defaults.
+    """A `TrlParser` over (``script_type``, `PolicySFTConfig`, `PolicyModelConfig`): TRL's trainer and
+    model settings with lmcoh's defaults (lmcoh.lm.configs).
 
     ``--help`` shows ``description`` and then `LOOP_OVERRIDES`, the trainer settings the loop
     sets in each round.
     """
-    from trl import ModelConfig, SFTConfig, TrlParser
+    from trl import TrlParser
+
+    from ..lm.configs import PolicyModelConfig, PolicySFTConfig
 
     class RecipeParser(TrlParser):
         def error(self, message: str):  # one line, no usage block
@@ -190,12 +176,12 @@ def make_parser(script_type: type = SelfTrainArguments, prog: str | None = None,
             return unknown
 
     overrides = "\n".join(f"  {name}: {how}" for name, how in LOOP_OVERRIDES.items())
-    parser = RecipeParser((script_type, SFTConfig, ModelConfig), prog=prog, formatter_class=_HelpFormatter,
+    parser = RecipeParser((script_type, PolicySFTConfig, PolicyModelConfig), prog=prog, formatter_class=_HelpFormatter,
                           allow_abbrev=False,
                           description=f"{description}\n\nThe loop sets these trainer settings itself, each "
                                       f"round, whatever the config says:\n{overrides}\n\n"
                                       "Settings come from --config FILE.yaml (any field below), then flags.")
-    parser.set_defaults_with_config(**recipe_defaults(), output_dir=output_dir)
+    parser.set_defaults_with_config(output_dir=output_dir)
     return parser
 
 
@@ -230,6 +216,30 @@ def parse(parser, argv: list[str] | None = None) -> tuple:
         raise RunError(f"unknown flag {name}" + (f"; did you mean {close[0]}?" if close else ""))
     check_trainer_settings(sft, model)
     return script_args, sft, model
+
+
+def run_recipe(prog: str, main, parser) -> None:
+    """Parse the command line and run ``main`` on it, the way every recipe ends: a problem is one
+    line ``PROG: error: ...`` and exit status 2, Ctrl-C one line and status 130 (the run directory
+    resumes). Under a data-parallel launch each process, having said why it stops, waits for the
+    others, so that the launcher kills none before it has said so too."""
+    try:
+        main(*parse(parser))
+    except LmcohError as err:
+        _exit(f"{prog}: error: {err}", 2)
+    except KeyboardInterrupt:
+        _exit(f"{prog}: interrupted; run the same command again to resume", 130)
+
+
+def _exit(line: str, status: int) -> None:
+    import os
+
+    print(line, file=sys.stderr, flush=True)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+    sys.exit(status)
 
 
 def check_trainer_settings(sft, model) -> None:

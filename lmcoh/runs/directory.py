@@ -73,7 +73,7 @@ class RunDirectory:
         if not isinstance(old, dict):
             raise RunError(f"{saved} is damaged (not a YAML mapping); pass --overwrite to start over")
         for key, value in config.items():
-            if not is_run_neutral(key) and old.get(key) != value:
+            if not is_run_neutral(key, config) and old.get(key) != value:
                 raise RunError(f"output_dir {out} holds a run with a different config "
                                f"({key}: {old.get(key)!r} there, {value!r} now); "
                                "pass --overwrite to start over or choose another --output_dir")
@@ -169,7 +169,7 @@ def _damage(round_dir: Path) -> str | None:
         if name == "metrics.json" and (not isinstance(value, dict) or value.get("round") != k):
             return f"{round_dir / name}: damaged (not round {k}'s metrics)"
     if k > 0:
-        from ..lm.model import check_saved_model
+        from ..lm.loading import check_saved_model
 
         try:
             check_saved_model(round_dir / "model")

@@ -1,4 +1,4 @@
-"""The pieces of a self-training round; the loop itself is recipes/self_train.py.
+"""A self-training run as one object; the loop itself is recipes/self_train.py.
 
 docs/theory.md, "Goal conditioning and retraining": pi_0 = p, pi_{k+1} = G(pi_k). In a
 language model, round 0 is the pretrained prior prompted with ``<success>`` (approximately
@@ -6,6 +6,11 @@ G(p)); round k = 1..K samples episodes from the current success-prompted model, 
 successful ones (``filter``) or keeps all behind their outcome token (``label``), fine-tunes
 the adapter on them, and evaluates the success-prompted model exactly against the oracle's
 target G^(k+1)(p).
+
+`SelfTraining` is built once from the recipe's parsed arguments and holds what every round
+needs: the task, the run directory, the base model, the exact targets, the seed rule. Its
+methods are the loop's steps; the plumbing that is not the algorithm (seeds, data-parallel
+shards and their gathering, timing, logs, writing) stays inside them.
 
 Determinism: every round reseeds from (seed, round) and loads its model from disk, so a run
 resumed after a kill computes exactly what an uninterrupted one does.
@@ -15,18 +20,23 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .. import faults, io
-from ..errors import LmcohError, RunError
+from ..errors import DivergenceError, LmcohError, RunError
 from ..lm import text
 from ..oracle import exact
-from ..tasks.task import Task
-from .arguments import LOOP_OVERRIDES
-from .directory import RunDirectory
+from ..tasks import budget
+from ..tasks.library import load_task
+from .arguments import LOOP_OVERRIDES, SelfTrainArguments
+from .directory import RunDirectory, resolved_config
+
 
 def round_seed(seed: int, round_: int, rank: int = 0) -> int:
     """A 31-bit seed for (seed, round, process rank), independent across all three."""
@@ -46,36 +56,6 @@ def shard(n: int, state) -> range:
     return range(lo, lo + sizes[state.process_index])
 
 
-def check_inputs(args, sft, model_args) -> Task:
-    """Everything that can be checked before any work: the memory limit, the task, the model
-    (present, safetensors, able to write the task), the output directory, the batch split.
-    Returns the task."""
-    from ..lm.model import check_task_fits, model_init_kwargs
-    from ..tasks import budget
-    from ..tasks.library import load_task
-
-    budget.set_limit_gb(args.memory_limit_gb)
-    task = load_task(args.task)
-    out = Path(sft.output_dir)
-    if out.exists() and not out.is_dir():
-        raise RunError(f"output_dir {out} exists and is not a directory")
-    if model_args.model_name_or_path:
-        given = evaluated_model(model_args.model_name_or_path, None, 0, model_init_kwargs(model_args))
-        check_task_fits(given, task, layout(args, given.meta))
-    return task
-
-
-def per_device_batch(args, sft, processes: int) -> int:
-    """The per-device batch that keeps ``global_batch_size`` sequences per optimiser step."""
-    if not args.global_batch_size:
-        return sft.per_device_train_batch_size
-    split = processes * sft.gradient_accumulation_steps
-    if args.global_batch_size % split:
-        raise RunError(f"global_batch_size {args.global_batch_size} does not split evenly over {processes} "
-                       f"process(es) x {sft.gradient_accumulation_steps} accumulation step(s)")
-    return args.global_batch_size // split
-
-
 def config_header() -> str:
     """The comment config.yaml starts with: what the loop overrides in each round."""
     lines = ["Every resolved setting of this run (--config reads it back). The loop sets these",
@@ -84,59 +64,7 @@ def config_header() -> str:
     return "".join(f"# {line}\n" for line in lines)
 
 
-def replace_output_dir(sft, output_dir: Path):
-    """The same `SFTConfig` writing to ``output_dir``."""
-    return dataclasses.replace(sft, output_dir=str(output_dir))
-
-
-def round_args(sft, run: RunDirectory, k: int, per_device_batch: int):
-    """Round k's `SFTConfig`: the user's, with `LOOP_OVERRIDES` applied."""
-    seed = round_seed(sft.seed, k)
-    return dataclasses.replace(sft, output_dir=str(run.path / "trainer" / f"round_{k}"), seed=seed,
-                               data_seed=seed if sft.data_seed is None else sft.data_seed,
-                               per_device_train_batch_size=per_device_batch)
-
-
-@contextmanager
-def failing_as_round(k: int, sft):
-    """A failure inside round k (a diverged training, a model gone non-finite) names the round
-    and the likely cause; nothing of the round has been written, so the earlier rounds stay
-    resumable."""
-    try:
-        yield
-    except LmcohError as err:
-        hint = ""
-        if "not finite" in str(err):  # training made the weights blow up: say what to change
-            hint = (f"; the learning rate ({sft.learning_rate:g}) is the likely cause: lower --learning_rate "
-                    "or --max_grad_norm")
-        raise RunError(f"round {k}: {err}{hint}") from None
-
-
-@contextmanager
-def tensorboard_dir(sft, run: RunDirectory, k: int):
-    """Point the Trainer's TensorBoard callback at OUTPUT_DIR/tensorboard/round_k for one round."""
-    wanted = "tensorboard" in (sft.report_to or [])
-    saved = os.environ.get("TENSORBOARD_LOGGING_DIR")
-    if wanted:
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.path / "tensorboard" / f"round_{k}")
-    try:
-        yield
-    finally:
-        if wanted:
-            if saved is None:
-                os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
-            else:
-                os.environ["TENSORBOARD_LOGGING_DIR"] = saved
-
-
-def layout(args, meta: dict) -> text.Layout:
-    """The layout of the run: its format, prompt mode and goal text, else the model's own."""
-    from ..lm.model import model_layout
-
-    return model_layout(meta, args.format or None, args.prompt, args.goal_text)
-
-
-def training_examples(tokenizer, task: Task, layout: text.Layout, episodes, mode: str) -> list:
+def training_examples(tokenizer, task, layout: text.Layout, episodes, mode: str) -> list:
     """SFT examples (`lmcoh.lm.training.episode_examples`): ``filter`` keeps successful episodes
     under the goal ``success``; ``label`` keeps every episode under its own outcome."""
     from ..lm.training import episode_examples
@@ -145,118 +73,294 @@ def training_examples(tokenizer, task: Task, layout: text.Layout, episodes, mode
     return episode_examples(tokenizer, task, layout, kept)
 
 
-def round_model(base: str, run: RunDirectory, k: int, model_args, init_kwargs: dict):
-    """The model round k trains, loaded for training: the base with a fresh adapter (k = 1,
-    from `trl.get_peft_config`), round k-1's adapter (k > 1), or, without peft, round k-1's
-    whole model."""
-    from trl import get_peft_config
+@dataclass
+class _Round:
+    """What round k has done so far: its episodes, the examples kept, the seconds of each step."""
 
-    from ..lm.model import add_lora, load_model
-
-    peft = get_peft_config(model_args)
-    previous = run.round_dir(k - 1) / "model"
-    if peft is None:
-        return load_model(base if k == 1 else str(previous), **init_kwargs)
-    if k == 1:
-        loaded = load_model(base, **init_kwargs)
-        loaded.model = add_lora(loaded.model, peft)
-        return loaded
-    return load_model(base, adapter=str(previous), trainable=True, **init_kwargs)
+    k: int
+    episodes: list = field(default_factory=list)
+    kept: int = 0
+    seconds: dict = field(default_factory=lambda: {"sample": 0.0, "train": 0.0})
 
 
-def evaluated_model(base: str, run: RunDirectory, k: int, init_kwargs: dict):
-    """The model after round k (the base for k = 0), loaded for inference."""
-    from ..lm.model import load_model
+class SelfTraining:
+    """One self-training run into ``sft.output_dir`` (docs/theory.md, "Goal conditioning and retraining").
 
-    if k == 0:
-        return load_model(base, **init_kwargs)
-    saved = run.round_dir(k) / "model"
-    if (saved / "adapter_config.json").is_file():
-        return load_model(base, adapter=str(saved), **init_kwargs)
-    return load_model(str(saved), **init_kwargs)
-
-
-def evaluate_round(args, loaded, task: Task, layout: text.Layout, target: exact.Policy, seed: int) -> dict:
-    """Tabulate the success-prompted model and compare it with the exact ``target`` G^(k+1)(p).
-
-    Returns ``{"metrics": ..., "eval": ...}``: the metrics.jsonl values, and the full
-    `lmcoh evaluate` object. Tasks with more than ``max_histories`` histories get a Monte Carlo
-    success estimate (``seed``) with ``success_ci`` and no targets.
+    Built from the recipe's (`SelfTrainArguments`, `PolicySFTConfig`, `PolicyModelConfig`), it
+    checks every input before any work: the memory limit, the task, the model (present,
+    safetensors, its tokenizer able to write the task), the output directory.
     """
-    from ..lm.metrics import report
-    from ..lm.tabulate import tabulate
 
-    lm = tabulate(loaded, task, "success", layout=layout, max_histories=args.max_histories,
-                  batch_size=args.sample_batch_size, mc_episodes=args.eval_episodes, seed=seed)
-    detail = report(task, lm, "success", args.delta)
-    metrics = {"success": detail["success"], "incoherence": detail["incoherence"],
-               "token_incoherence": detail["token_incoherence"]["total"]}
-    if lm.exact:
-        metrics.update({"target_success": exact.success(task, target),
-                        "tv_to_target": exact.tv_distance(task, lm.policy, target),
-                        "target_incoherence": exact.incoherence(task, target, args.delta)})
-    else:
-        metrics.update({"success_ci": detail["success_ci"], "target_success": None, "tv_to_target": None,
-                        "target_incoherence": None, "incoherence": None, "token_incoherence": None})
-    return {"metrics": metrics, "eval": detail}
+    def __init__(self, args: SelfTrainArguments, sft, model_args, state=None):
+        from accelerate import PartialState
+
+        from ..lm.loading import model_init_kwargs
+
+        self.args, self.sft, self.model_args = args, sft, model_args
+        self.state = PartialState() if state is None else state
+        budget.set_limit_gb(args.memory_limit_gb)
+        self.task = load_task(args.task)
+        self.run = RunDirectory(sft.output_dir)
+        if self.run.path.exists() and not self.run.path.is_dir():
+            raise RunError(f"output_dir {self.run.path} exists and is not a directory")
+        self.init_kwargs = model_init_kwargs(model_args)
+        self.base = model_args.model_name_or_path or str(self.run.path / "prior")
+        self.layout = self._layout(model_args.model_name_or_path)
+        self.targets = exact.sequence(self.task, "retrain", args.rounds + 1)  # round k's target: G^(k+1)(p)
+        self.config = resolved_config(args, sft, model_args)
+        self.progress = not sft.disable_tqdm and self.state.is_main_process
+        self._round: _Round | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.run.path
+
+    @classmethod
+    def from_directory(cls, path: str | Path, state=None) -> "SelfTraining":
+        """The run in ``path`` as its config.yaml describes it (wherever the directory is now)."""
+        from .arguments import make_parser, parse
+
+        config = Path(path) / "config.yaml"
+        if not config.is_file() or not (Path(path) / "rounds" / "0" / "metrics.json").is_file():
+            raise RunError(f"{path} holds no complete self-training round (no config.yaml or rounds/0)")
+        return cls(*parse(make_parser(), ["--config", str(config), "--output_dir", str(path)]), state=state)
+
+    def _layout(self, ref: str | None) -> text.Layout:
+        """The layout the run writes episodes in; a given model is checked (its tokenizer only) to
+        write every text of the task."""
+        from ..lm.loading import model_layout, open_for_task
+
+        a = self.args
+        if not ref:
+            return model_layout({}, a.format or None, a.prompt, a.goal_text)
+        return open_for_task(ref, self.task, format=a.format or None, prompt=a.prompt, goal_text=a.goal_text,
+                             weights=False)[1]
+
+    # ---- the directory ------------------------------------------------------------------------
+    @contextmanager
+    def opened(self):
+        """Lock, check and prepare the run directory (main process; every process hears its
+        verdict). Yields the number of rounds already complete; the lock is held until the end."""
+        with self.run.opened(self.state, self.config, self.args.overwrite, header=config_header()) as done:
+            yield done
+
+    def pretrain_prior(self) -> None:
+        """The prior p when no model is given: lmcoh's built-in one, pretrained on the task's own
+        episodes into OUTPUT_DIR/prior (every process trains, the main one saves)."""
+        from ..lm.pretrain import pretrain
+
+        prior = self.run.path / "prior"
+        if self.model_args.model_name_or_path or prior.is_dir():
+            return
+        if self.state.is_main_process:
+            print(f"pretraining the built-in prior for {self.task.name} into {prior}", flush=True)
+        pretrain(self.task, prior, format=self.args.format or None, goal_text=self.args.goal_text,
+                 episodes=self.args.pretrain_episodes, epochs=self.args.pretrain_epochs, seed=self.sft.seed,
+                 progress=self.progress)
+        self.state.wait_for_everyone()
+
+    # ---- a round ------------------------------------------------------------------------------
+    @contextmanager
+    def round(self, k: int):
+        """Round k: reseeded from (seed, k); a failure inside names the round and the likely
+        cause, and nothing of the round is written, so the earlier rounds stay resumable."""
+        from transformers import set_seed
+
+        set_seed(round_seed(self.sft.seed, k))
+        self._round = _Round(k)
+        try:
+            yield
+        except DivergenceError as err:
+            raise RunError(f"round {k}: {err}; the learning rate ({self.sft.learning_rate:g}) is the likely cause: "
+                           "lower --learning_rate or --max_grad_norm") from None
+        except LmcohError as err:
+            raise RunError(f"round {k}: {err}") from None
+        finally:
+            self._round = None
+        self.state.wait_for_everyone()
+
+    def model(self, k: int):
+        """The model round k starts from: the prior (k = 0, for inference), else loaded to train:
+        the base with a fresh adapter (k = 1, from `trl.get_peft_config`), round k-1's adapter
+        (k > 1) or, without peft, round k-1's whole model."""
+        from trl import get_peft_config
+
+        from ..lm.adapters import add_lora
+        from ..lm.loading import load_model
+
+        peft = get_peft_config(self.model_args)
+        previous = self.run.round_dir(k - 1) / "model"
+        if k == 0:
+            loaded = load_model(self.base, **self.init_kwargs)
+        elif peft is None:
+            loaded = load_model(self.base if k == 1 else str(previous), **self.init_kwargs)
+        elif k == 1:
+            loaded = load_model(self.base, **self.init_kwargs)
+            loaded.model = add_lora(loaded.model, peft)
+        else:
+            loaded = load_model(self.base, adapter=str(previous), trainable=True, **self.init_kwargs)
+        return loaded
+
+    def trained_model(self, k: int):
+        """The model after round k (the prior for k = 0), loaded for inference."""
+        from ..lm.loading import load_model
+
+        saved = self.run.round_dir(k) / "model"
+        if k == 0:
+            return load_model(self.base, **self.init_kwargs)
+        if (saved / "adapter_config.json").is_file():
+            return load_model(self.base, adapter=str(saved), **self.init_kwargs)
+        return load_model(str(saved), **self.init_kwargs)
+
+    def sample(self, model) -> list:
+        """``episodes_per_round`` episodes from the success-prompted model: each process draws its
+        share of one seeded table, and every process gets them all."""
+        from accelerate.utils import gather_object
+
+        from ..lm.rollout import sample_episodes
+
+        r, n, t0 = self._round, self.args.episodes_per_round, time.perf_counter()
+        episodes = sample_episodes(model, self.task, n, goal="success", layout=self.layout,
+                                   seed=round_seed(self.sft.seed, r.k), rows=shard(n, self.state),
+                                   batch_size=self.args.sample_batch_size, progress=self.progress)
+        if self.state.num_processes > 1:
+            episodes = gather_object(episodes)
+        r.episodes, r.seconds["sample"] = episodes, time.perf_counter() - t0
+        return episodes
+
+    def keep(self, model, episodes: list) -> list:
+        """The training examples: the successful episodes (``filter``), or every episode behind
+        its outcome token (``label``)."""
+        examples = training_examples(model.tokenizer, self.task, self.layout, episodes, self.args.mode)
+        if not examples:
+            raise RunError(f"none of the {len(episodes)} sampled episodes succeeded; "
+                           "raise --episodes_per_round or use --mode label")
+        self._round.kept = len(examples)
+        return examples
+
+    def train(self, model, examples: list) -> dict:
+        """Fine-tune ``model`` on ``examples`` with TRL's SFTTrainer: the user's `SFTConfig` with
+        only `LOOP_OVERRIDES` changed. The Trainer's log lines go to OUTPUT_DIR/logs/, not the terminal."""
+        from ..lm.training import train_sft
+
+        r, t0 = self._round, time.perf_counter()
+        seed = round_seed(self.sft.seed, r.k)
+        args = dataclasses.replace(self.sft, output_dir=str(self.run.path / "trainer" / f"round_{r.k}"), seed=seed,
+                                   data_seed=seed if self.sft.data_seed is None else self.sft.data_seed)
+        logs = self.run.path / "logs"
+        logs.mkdir(exist_ok=True)
+        with _tensorboard_dir(args, self.run.path / "tensorboard" / f"round_{r.k}"):
+            stats = train_sft(model.model, model.tokenizer, examples, args, log_file=logs / f"round_{r.k}.jsonl")
+        r.seconds["train"] = time.perf_counter() - t0
+        return stats
+
+    def evaluate(self, model) -> dict | None:
+        """Tabulate the success-prompted model, compare it with the exact target G^(k+1)(p) and write
+        the round (main process only); print its summary line. Returns the metrics.jsonl line."""
+        if not self.state.is_main_process:
+            return None
+        from ..lm.loading import save_model
+
+        r, t0 = self._round, time.perf_counter()
+        metrics, detail = self._evaluation(model, r.k)
+        line = _metrics_line(r, metrics, time.perf_counter() - t0)
+        tmp = self.run.begin_round(r.k)
+        if r.k > 0:
+            save_model(model.model, model.tokenizer, tmp / "model",
+                       {**model.meta, "selftrain": {"round": r.k, "task": self.task.name}})
+            writer = text.Writer(self.task, self.layout, model.tokenizer)
+            io.write_jsonl(tmp / "episodes.jsonl", [text.episode_record(writer, ep) for ep in r.episodes])
+        faults.point("write_round")
+        io.write_json(tmp / "eval.json", detail)
+        io.write_json(tmp / "metrics.json", line)
+        self.run.commit_round(r.k, tmp)
+        print(summary(line, self.args.rounds), flush=True)
+        return line
+
+    def _evaluation(self, loaded, k: int) -> tuple[dict, dict]:
+        """(the metrics.jsonl values, the full `lmcoh evaluate` object) of the model after round k.
+        Tasks with more than ``max_histories`` histories get a Monte Carlo success estimate with
+        ``success_ci`` and no targets."""
+        from ..lm.metrics import report
+        from ..lm.tabulate import tabulate
+
+        a, target = self.args, self.targets[k + 1]
+        lm = tabulate(loaded, self.task, "success", layout=self.layout, max_histories=a.max_histories,
+                      batch_size=a.sample_batch_size, mc_episodes=a.eval_episodes,
+                      seed=round_seed(self.sft.seed, k, 1 << 16))
+        detail = report(self.task, lm, "success", a.delta)
+        metrics = {"success": detail["success"], "incoherence": detail["incoherence"],
+                   "incoherence_finite_part": detail["incoherence_finite_part"],
+                   "token_incoherence": detail["token_incoherence"]["total"]}
+        if lm.exact:
+            metrics.update({"target_success": exact.success(self.task, target),
+                            "tv_to_target": exact.tv_distance(self.task, lm.policy, target),
+                            "target_incoherence": exact.incoherence(self.task, target, a.delta)})
+        else:
+            metrics.update({"success_ci": detail["success_ci"], "target_success": None, "tv_to_target": None,
+                            "target_incoherence": None, "incoherence": None, "incoherence_finite_part": None,
+                            "token_incoherence": None})
+        return metrics, detail
+
+    # ---- the end ------------------------------------------------------------------------------
+    def finish(self) -> Path | None:
+        """Remove the Trainer's scratch and write report.md with its plots (main process)."""
+        if not self.state.is_main_process:
+            return None
+        from ..report.selftrain import write_selftrain_report
+
+        shutil.rmtree(self.run.path / "trainer", ignore_errors=True)
+        rows = self.run.complete_rounds()
+        details = [io.read_json(self.run.round_dir(r["round"]) / "eval.json") for r in rows]
+        faults.point("report")
+        out = write_selftrain_report(self.run.path, rows, details, task_name=self.task.name, mode=self.args.mode,
+                                     optimum=exact.optimal_success(self.task), config=self.config, task=self.task)
+        print(f"report: {out}", flush=True)
+        return out
 
 
-def metrics_line(k: int, evaluation: dict, episodes: list, kept: int,
-                 seconds: tuple[float, float, float]) -> dict:
-    """The metrics.jsonl line of round k."""
-    m = evaluation["metrics"]
-    line = {"round": k, "success": m["success"]}
+def _metrics_line(r: _Round, m: dict, eval_seconds: float) -> dict:
+    """The metrics.jsonl line of round ``r``."""
+    line = {"round": r.k, "success": m["success"]}
     if m.get("success_ci") is not None:
         line["success_ci"] = m["success_ci"]
     line.update({
         "target_success": m["target_success"], "tv_to_target": m["tv_to_target"],
-        "incoherence": m["incoherence"], "target_incoherence": m["target_incoherence"],
-        "token_incoherence": m["token_incoherence"],
-        "sampled_success_rate": float(np.mean([ep.success for ep in episodes])) if episodes else None,
-        "episodes_sampled": len(episodes), "episodes_kept": kept,
-        "sample_seconds": seconds[0], "train_seconds": seconds[1], "eval_seconds": seconds[2]})
+        "incoherence": m["incoherence"], "incoherence_finite_part": m["incoherence_finite_part"],
+        "target_incoherence": m["target_incoherence"], "token_incoherence": m["token_incoherence"],
+        "sampled_success_rate": float(np.mean([ep.success for ep in r.episodes])) if r.episodes else None,
+        "episodes_sampled": len(r.episodes), "episodes_kept": r.kept,
+        "sample_seconds": r.seconds["sample"], "train_seconds": r.seconds["train"], "eval_seconds": eval_seconds})
     return io.jsonable(line)
-
-
-def write_round(run: RunDirectory, k: int, task: Task, layout: text.Layout, loaded, episodes: list, line: dict,
-                detail: dict) -> None:
-    """Write round k into rounds/.tmp-k, rename it to rounds/k, rebuild metrics.jsonl."""
-    from ..lm.model import save_model
-
-    tmp = run.begin_round(k)
-    if k > 0:
-        save_model(loaded.model, loaded.tokenizer, tmp / "model",
-                   {**loaded.meta, "selftrain": {"round": k, "task": task.name}})
-        writer = text.Writer(task, layout, loaded.tokenizer)
-        io.write_jsonl(tmp / "episodes.jsonl", [text.episode_record(writer, ep) for ep in episodes])
-    faults.point("write_round")
-    io.write_json(tmp / "eval.json", detail)
-    io.write_json(tmp / "metrics.json", line)
-    run.commit_round(k, tmp)
 
 
 def summary(line: dict, rounds: int) -> str:
     """One line per round for the terminal."""
     def f(x):
         return x if isinstance(x, str) or x is None else f"{x:.4f}"
+
+    incoherence = f(line["incoherence"])
+    if line["incoherence"] == "inf" and line.get("incoherence_finite_part") is not None:
+        incoherence += f" (finite part {f(line['incoherence_finite_part'])})"
     return (f"round {line['round']}/{rounds}: success {f(line['success'])} "
             f"(target {f(line['target_success'])}), tv_to_target {f(line['tv_to_target'])}, "
-            f"incoherence {f(line['incoherence'])}, kept {line['episodes_kept']}/{line['episodes_sampled']}, "
+            f"incoherence {incoherence}, kept {line['episodes_kept']}/{line['episodes_sampled']}, "
             f"{line['sample_seconds']:.1f}s sample, {line['train_seconds']:.1f}s train, "
             f"{line['eval_seconds']:.1f}s eval")
 
 
-def write_report(run: RunDirectory, args, task: Task, config: dict) -> Path:
-    """report.md and plots for the rounds complete in the run directory."""
-    from ..report.selftrain import write_selftrain_report
-
-    rows = run.complete_rounds()
-    details = [io.read_json(run.round_dir(r["round"]) / "eval.json") for r in rows]
-    faults.point("report")
-    return write_selftrain_report(run.path, rows, details, task_name=task.name, mode=args.mode,
-                                  optimum=exact.optimal_success(task), config=config, task=task)
-
-
-def no_successes(k: int, n: int) -> RunError:
-    return RunError(f"round {k}: none of the {n} sampled episodes succeeded; "
-                    "raise episodes_per_round or use --mode label")
+@contextmanager
+def _tensorboard_dir(sft, logdir: Path):
+    """Point the Trainer's TensorBoard callback at ``logdir`` for one round."""
+    wanted = "tensorboard" in (sft.report_to or [])
+    saved = os.environ.get("TENSORBOARD_LOGGING_DIR")
+    if wanted:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(logdir)
+    try:
+        yield
+    finally:
+        if wanted:
+            if saved is None:
+                os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
+            else:
+                os.environ["TENSORBOARD_LOGGING_DIR"] = saved

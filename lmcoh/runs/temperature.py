@@ -38,14 +38,12 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import yaml
 
 from ..errors import RunError
 from ..oracle import exact
-from ..tasks.library import load_task
 from ..tasks.task import Task
 from .arguments import SelfTrainArguments, TemperatureArguments
-from .directory import RunDirectory
+from .selftrain import SelfTraining
 
 
 # ---- exact part (numpy only) -------------------------------------------------------------------
@@ -165,16 +163,13 @@ def check_comparison(cfg: TemperatureArguments, output_dir: str, task: Task) -> 
     if out.exists() and not cfg.overwrite:
         raise RunError(f"output_dir {out} exists; pass --overwrite to replace it or choose another")
     if cfg.selftrain_dir is not None:
-        st = RunDirectory(cfg.selftrain_dir)
-        if not (st.path / "config.yaml").is_file() or not (st.round_dir(0) / "metrics.json").is_file():
-            raise RunError(f"selftrain_dir {st.path} holds no complete self-training round "
-                           "(no config.yaml or rounds/0)")
-        if cfg.overwrite and out.resolve() in st.path.resolve().parents:
-            raise RunError(f"selftrain_dir {st.path} lies inside output_dir {out}, which --overwrite "
+        st = Path(cfg.selftrain_dir)
+        if cfg.overwrite and out.resolve() in st.resolve().parents:
+            raise RunError(f"selftrain_dir {st} lies inside output_dir {out}, which --overwrite "
                            "would delete; copy it elsewhere first")
-        saved = yaml.safe_load((st.path / "config.yaml").read_text()) or {}
-        if load_task(str(saved.get("task", ""))).to_spec() != task.to_spec():
-            raise RunError(f"selftrain_dir {st.path} self-trained task {saved.get('task')!r}, not {task.name!r}")
+        done = SelfTraining.from_directory(st)
+        if done.task.to_spec() != task.to_spec():
+            raise RunError(f"selftrain_dir {st} self-trained task {done.task.name!r}, not {task.name!r}")
 
 
 def selftrain_args(cfg: TemperatureArguments) -> SelfTrainArguments:
@@ -242,7 +237,7 @@ def comparison_objects(task: Task, K: int, ex: dict, rows: list[dict], lm: list[
     comparison = {"task": task.name, "deterministic": bool(task.deterministic), "rows": rows}
     details = {
         "task": task.name, "K": K, "optimal_success": ex["optimal_success"],
-        "uniform_prior": _uniform_prior(task), "one_decision": task.steps == 1,
+        "uniform_prior": task.uniform_prior, "one_decision": task.steps == 1,
         "seconds_per_proposal": pool.seconds_per_proposal, "proposals_drawn": len(pool.episodes),
         "exact": {"success": ex["success"], "acceptance_rate": ex["acceptance_rate"],
                   "tv_retrain_vs_temperature": ex["tv_retrain_vs_temperature"],
@@ -252,25 +247,16 @@ def comparison_objects(task: Task, K: int, ex: dict, rows: list[dict], lm: list[
     return comparison, details
 
 
-def lm_methods(cfg: TemperatureArguments, task: Task, st_dir: Path, init_kwargs: dict,
-               progress: bool = True) -> tuple[Methods, int, dict]:
-    """The language models of a finished self-training run as `Methods`, the K they reach, and
+def lm_methods(cfg: TemperatureArguments, run: SelfTraining, progress: bool = True) -> tuple[Methods, int, dict]:
+    """The language models of a finished self-training ``run`` as `Methods`, the K they reach, and
     where they came from. k = 0: the prior with no goal (p); k = 1: the prior prompted with
     ``<success>`` (G(p), no retraining needed); k >= 2: round k-1's model prompted with ``<success>``."""
-    from ..lm.model import check_task_fits, model_layout
     from ..lm.rollout import sample_episodes
     from ..lm.tabulate import tabulate
-    from .selftrain import evaluated_model
 
-    run = RunDirectory(st_dir)
-    saved = yaml.safe_load((run.path / "config.yaml").read_text()) or {}
-    base = saved.get("model_name_or_path") or str(run.path / "prior")
-    seed = saved.get("seed", 0)
-    rounds = run.complete_rounds()
+    rounds = run.run.complete_rounds()
     K = min(cfg.rounds, len(rounds) - 1) + 1
-    prior = evaluated_model(base, run, 0, init_kwargs)
-    layout = model_layout(prior.meta, saved.get("format") or None, saved.get("prompt"), saved.get("goal_text"))
-    check_task_fits(prior, task, layout)
+    prior, layout, task, seed = run.trained_model(0), run.layout, run.task, run.sft.seed
 
     def table(loaded, goal: str, temperature: float = 1.0) -> tuple[exact.Policy, float]:
         lm = tabulate(loaded, task, goal, temperature, layout, cfg.max_histories, seed=seed)
@@ -287,10 +273,10 @@ def lm_methods(cfg: TemperatureArguments, task: Task, st_dir: Path, init_kwargs:
     def retrained(k: int) -> tuple[exact.Policy, float]:
         if k <= 1:
             return logit(k)
-        return table(evaluated_model(base, run, k - 1, init_kwargs), "success")
+        return table(run.trained_model(k - 1), "success")
 
     seconds = [sum(r["sample_seconds"] + r["train_seconds"] for r in rounds[1:k]) for k in range(K + 1)]
-    source = {"prior_model": base, "selftrain_dir": str(run.path), "prompt": layout.mode, "format": layout.format}
+    source = {"prior_model": run.base, "selftrain_dir": str(run.path), "prompt": layout.mode, "format": layout.format}
     return Methods(sample, retrained, logit, seconds), K, source
 
 
@@ -309,11 +295,6 @@ def break_even(retrain_seconds: float, rejection_seconds: float, direct_seconds:
     if retrain_seconds <= 0:
         return 0.0
     return retrain_seconds / extra if extra > 0 else math.inf
-
-
-def _uniform_prior(task: Task) -> bool:
-    return all(np.allclose(p, 1.0 / np.repeat(layer.by_state.counts, layer.by_state.counts))
-               for p, layer in zip(exact.prior_policy(task), task.layers))
 
 
 def _root_policies(task: Task, policies: dict[str, exact.Policy]) -> dict | None:

@@ -92,11 +92,6 @@ def max_deviation(a: Policy, b: Policy) -> float:
     return max((float(np.max(np.abs(x - y))) for x, y in zip(a, b) if len(x)), default=0.0)
 
 
-def uniform_prior(task: Task) -> bool:
-    counts = np.diff(task.action_ptr)
-    return bool(np.allclose(task.prior, 1.0 / np.repeat(counts, counts), atol=1e-12))
-
-
 def uniform_over_trajectories(task: Task) -> bool:
     """Whether every trajectory has the same prior probability (true for a uniform prior when all
     episodes take the same number of decisions among the same number of actions). Without it the
@@ -120,7 +115,7 @@ def uniform_over_trajectories(task: Task) -> bool:
 
 def optimal_ties(task: Task) -> bool:
     """Whether an optimal policy visits a state where two actions are both optimal."""
-    Q = optimal_q(task)
+    Q = exact.optimal_values(task)[0]
     pi = greedy_policy(task, Q, tol=1e-9)
     for d, q, p, layer in zip(exact.occupancy(task, pi), Q, pi, task.layers):
         best = layer.by_state.sum((p > 0).astype(float))
@@ -150,21 +145,6 @@ def step_cost(task: Task, q: float) -> Task:
     return rename(task, f"step q={q:g}", action_logq=task.action_logq + math.log(q))
 
 
-def one_step_backup(task: Task, Q: list[np.ndarray]) -> list[np.ndarray]:
-    """One step of value iteration in log space: log q(s,a) + log E[max_a' exp Q(s', a')]."""
-    out = []
-    for t, layer in enumerate(task.layers):
-        v = np.where(task.terminal, task.terminal_logq, task.timeout_logq)
-        if t + 1 < task.steps:
-            nxt = task.layers[t + 1]
-            v[nxt.states] = nxt.by_state.max(Q[t + 1])
-        cont = layer.trans_logp + v[layer.trans_next]
-        if layer.by_action.width != 1:
-            cont = layer.by_action.logsumexp(cont)
-        out.append(task.action_logq[layer.actions] + cont)
-    return out
-
-
 def greedy_policy(task: Task, Q: list[np.ndarray], tol: float = 1e-12) -> Policy:
     """Uniform over each state's argmax actions (ties within ``tol``)."""
     out = []
@@ -175,18 +155,11 @@ def greedy_policy(task: Task, Q: list[np.ndarray], tol: float = 1e-12) -> Policy
     return out
 
 
-def optimal_q(task: Task) -> list[np.ndarray]:
-    Q = exact.soft_values(task, exact.uniform_policy(task))[0]
-    for _ in range(task.steps - 1):
-        Q = one_step_backup(task, Q)
-    return Q
-
-
 def zero_best_start_action(task: Task) -> Task:
     """The prior with zero mass on the optimal action at the start state (renormalised)."""
     layer = task.layers[0]
     lo, hi = int(layer.start[0]), int(layer.start[1])
-    q0 = optimal_q(task)[0][lo:hi]
+    q0 = exact.optimal_values(task)[0][0][lo:hi]
     best = int(layer.actions[lo + int(np.argmax(q0))])
     prior = task.prior.copy()
     prior[best] = 0.0
@@ -575,7 +548,7 @@ def effective_horizon(task: Task) -> int:
     for k in range(task.steps + 1):
         if exact.success(task, greedy_policy(task, Q)) >= best - 1e-12:
             return k
-        Q = one_step_backup(task, Q)
+        Q = exact.max_backup(task, Q)
     raise AssertionError("value iteration from any Q is optimal after T - 1 steps")
 
 
@@ -709,7 +682,7 @@ def prior_folds(tasks: list[Task], steps: int = 5) -> dict:
         seqs = {kind: exact.sequence(task, kind, steps) for kind in ("retrain", "fold", "fold_ratio", "temperature")}
         dev = {kind: max(max_deviation(seqs["retrain"][k], seqs[kind][k]) for k in range(1, steps + 1))
                for kind in ("fold", "fold_ratio", "temperature")}
-        rows.append({"task": task.name, "uniform prior": uniform_prior(task),
+        rows.append({"task": task.name, "uniform prior": task.uniform_prior,
                      "dynamics": "deterministic" if task.deterministic else "stochastic",
                      "retrain vs fold (Def 5.7)": dev["fold"], "retrain vs fold_ratio": dev["fold_ratio"],
                      "retrain vs temperature": dev["temperature"]})
@@ -820,13 +793,13 @@ def default_tasks(cfg: StudyConfig) -> dict:
     sgrids = [_grid(n, slip, s) for n in sizes for slip in ((0.1,) if q else (0.1, 0.2))]
     dirichlet = [random_tree(T=T, A=A, seed=s, stochastic=st, prior="dirichlet")
                  for T, A in shapes[:2] for st in (False, True)]
-    uniform_builtin = [t for t in builtin.values() if uniform_prior(t)]
+    uniform_builtin = [t for t in builtin.values() if t.uniform_prior]
     if cfg.tasks:
         given = [load_task(ref) for ref in cfg.tasks]
-        uni = [t for t in given if uniform_prior(t)]
+        uni = [t for t in given if t.uniform_prior]
         families = [Family("given, deterministic", True, [t for t in uni if t.deterministic]),
                     Family("given, stochastic", False, [t for t in uni if not t.deterministic])]
-        generic, nonuniform = given, [t for t in given if not uniform_prior(t)]
+        generic, nonuniform = given, [t for t in given if not t.uniform_prior]
         rate = [t for t in uni if t.deterministic]
         slippery = sorted([t for t in given if "gridworld" in t.name] or [_grid(4, x, s) for x in (0, 0.1)],
                           key=lambda t: (t.extra or {}).get("slip", 0))
@@ -838,7 +811,7 @@ def default_tasks(cfg: StudyConfig) -> dict:
                     Family("slippery gridworlds", False, sgrids),
                     Family("built-in, stochastic", False, [t for t in uniform_builtin if not t.deterministic])]
         generic = list(builtin.values()) + trees[:2] + strees[:2] + grids[:2] + sgrids[:1]
-        nonuniform = [t for t in builtin.values() if not uniform_prior(t)] + dirichlet
+        nonuniform = [t for t in builtin.values() if not t.uniform_prior] + dirichlet
         rate = ([_grid(sizes[0], 0.0, s)] + [step_cost(_grid(n, 0.0, s), 0.9) for n in sizes]
                 + [floor_q(random_tree(T=T, A=3, seed=s), 0.05) for T in ((3, 4) if q else (3, 4, 5, 6))])
         slippery = [_grid(4, x, s) for x in ((0.0, 0.1, 0.3) if q else (0.0, 0.05, 0.1, 0.2, 0.3, 0.5))]

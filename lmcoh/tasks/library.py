@@ -1,4 +1,8 @@
-"""Find a task by reference: a YAML path, a built-in name (``tasks/NAME.yaml``) or a generator spec."""
+"""Find a task by reference: a YAML path, a built-in name (``tasks/NAME.yaml``) or a generator spec.
+
+The built-in tasks live in the repository's top-level ``tasks/`` folder; a wheel ships them as
+``lmcoh/tasks/builtin/`` (pyproject.toml maps that package onto ``tasks/``).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ from pathlib import Path
 from . import generators, taskfile
 from .task import Task, TaskError
 
-TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
+_SHIPPED = Path(__file__).resolve().parent / "builtin"
+TASKS_DIR = _SHIPPED if _SHIPPED.is_dir() else Path(__file__).resolve().parents[2] / "tasks"
 
 
 def builtin_tasks() -> list[str]:

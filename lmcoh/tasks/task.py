@@ -110,6 +110,12 @@ class Task:
         one_start = np.count_nonzero(self.start_prob) == 1
         return bool(one_start and np.all(np.diff(self.trans_ptr) == 1))
 
+    @cached_property
+    def uniform_prior(self) -> bool:
+        """Whether the prior is uniform over each state's actions."""
+        counts = np.diff(self.action_ptr)
+        return bool(np.allclose(self.prior, 1.0 / np.repeat(counts, counts), atol=1e-12))
+
     # ---- reachability by step ------------------------------------------------------------
     @cached_property
     def layers(self) -> list[Layer]:

@@ -1,4 +1,4 @@
-"""Build, load and save the language model and its tokenizer; LoRA adapters.
+"""Load and save language models; open one for a task.
 
 A model directory is a normal Hugging Face directory (``config.json``, safetensors weights,
 tokenizer files), so ``AutoModelForCausalLM.from_pretrained`` reads it, plus ``lmcoh.json``:
@@ -6,6 +6,9 @@ lmcoh's own metadata (the task it was trained for, the text format, how it was t
 Foreign directories (any local causal LM, e.g. GPT-2 with its BPE tokenizer) load too, with
 empty metadata. An adapter directory holds a peft LoRA adapter, the tokenizer and an
 ``lmcoh.json`` that fingerprints the base model the adapter was trained on.
+
+`open_for_task` is the one way a command opens a model for a task: load it (and an adapter),
+choose the layout it is prompted in, and check that its tokenizer can write the task.
 """
 
 from __future__ import annotations
@@ -22,80 +25,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
-                          PreTrainedTokenizerFast)
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from .. import faults
 from ..errors import ModelError, first_line
 from ..io import replace_dir, write_json
 from ..tasks.task import Task
-from .text import MARKERS, SPECIAL_WORDS, Layout, Writer
+from .text import Layout, Writer
 
 # peft reads transformers' deprecated `is_gradient_checkpointing`: their warning, not the user's.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 META_FILE = "lmcoh.json"
 TEXT_FORMAT = 2  # bump when lmcoh/text.py writes episodes differently
-BOS, EOS, PAD, UNK = "<bos>", "<eos>", "<pad>", "<unk>"
-
-
 
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module
+    model: torch.nn.Module | None
     tokenizer: PreTrainedTokenizerFast
     meta: dict = field(default_factory=dict)  # lmcoh.json ({} for foreign models); adapter's under "adapter"
     device: str = "cpu"
     path: str = ""
 
-
-# ---- tokenizer and a fresh model -----------------------------------------------------------------
-
-def task_words(task: Task) -> list[str]:
-    """Every whitespace-separated word the compact format can write for ``task``, in first-seen order."""
-    writer = Writer(task)
-    words = dict.fromkeys(SPECIAL_WORDS)
-    words.update(dict.fromkeys(f"@{t}" for t in range(task.steps)))
-    for s in range(task.n_states):
-        words.update(dict.fromkeys(writer.state("none", s, 0).split()))
-    for a in range(task.n_actions):
-        words.update(dict.fromkeys(writer.action(a).split()))
-    return list(words)
-
-
-def build_tokenizer(task: Task) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer for ``task``: one token per word of its text, ``<bos>`` prepended."""
-    vocab = {w: i for i, w in enumerate([PAD, BOS, EOS, UNK] + task_words(task))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                   unk_token=UNK)
-
-
-def new_llama(tokenizer, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
-              intermediate_size: int | None = None, max_position_embeddings: int = 1024,
-              initializer_range: float = 0.02, seed: int = 0) -> LlamaForCausalLM:
-    """A freshly initialised (seeded) Llama-architecture causal LM sized for ``tokenizer``."""
-    if hidden_size % num_heads:
-        raise ModelError(f"hidden size {hidden_size} is not a multiple of the {num_heads} heads")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
-        num_attention_heads=num_heads, num_key_value_heads=num_heads,
-        intermediate_size=intermediate_size or 4 * hidden_size,
-        max_position_embeddings=max_position_embeddings, initializer_range=initializer_range,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(config)
-
-
-# ---- loading ----------------------------------------------------------------------------------------
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -112,38 +65,64 @@ def load_model(path_or_id: str, adapter: str | None = None, device: str | None =
     further training.
     """
     device = device or default_device()
+    loaded = load_tokenizer(path_or_id, offline)
+    source, local_only = _source(path_or_id, offline)
+    with _one_line(path_or_id, local_only):
+        with quiet_hf():
+            loaded.model = AutoModelForCausalLM.from_pretrained(source, local_files_only=local_only,
+                                                                use_safetensors=True, trust_remote_code=False,
+                                                                **init_kwargs)
+    if adapter is not None:
+        loaded.model, loaded.meta["adapter"] = _attach_adapter(loaded.model, adapter, path_or_id, trainable)
+    if "quantization_config" not in init_kwargs:  # quantized weights are placed by bitsandbytes
+        loaded.model.to(device)
+    loaded.model.eval()
+    loaded.device = device
+    return loaded
+
+
+def load_tokenizer(path_or_id: str, offline: bool = True) -> LoadedModel:
+    """Model ``path_or_id`` without its weights: the tokenizer and lmcoh's metadata (``model`` is
+    None), enough to check that it can write a task. The same checks and errors as `load_model`."""
+    source, local_only = _source(path_or_id, offline)
+    with _one_line(path_or_id, local_only):
+        with quiet_hf():
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only, trust_remote_code=False)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelError(f"{path_or_id}: the tokenizer has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    path = Path(path_or_id).expanduser()
+    meta = _read_meta(path) if path.is_dir() else {}
+    return LoadedModel(None, tokenizer, meta, "cpu", str(path_or_id))
+
+
+def _source(path_or_id: str, offline: bool) -> tuple[str, bool]:
+    """What ``from_pretrained`` reads for ``path_or_id``, and whether only local files may be used."""
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             hint = " (it holds a LoRA adapter: pass it as --adapter)" if (path / "adapter_config.json").exists() else ""
             raise ModelError(f"{path_or_id}: not a model directory (no config.json){hint}")
         _require_safetensors(path, "model")
-        source, local_only = str(path), True
-    elif path.exists() or _looks_like_path(path_or_id):
+        return str(path), True
+    if path.exists() or _looks_like_path(path_or_id):
         raise ModelError(f"{path_or_id}: no such model directory")
-    else:
-        source, local_only = path_or_id, offline or _env_offline()
+    return path_or_id, offline or _env_offline()
+
+
+@contextmanager
+def _one_line(path_or_id: str, local_only: bool):
+    """transformers' many error types while loading ``path_or_id``, as one `ModelError` line."""
     try:
-        with quiet_hf():
-            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only, trust_remote_code=False)
-            model = AutoModelForCausalLM.from_pretrained(source, local_files_only=local_only, use_safetensors=True,
-                                                         trust_remote_code=False, **init_kwargs)
-    except Exception as err:  # transformers raises many types; the user needs one line
-        if source == path_or_id and not path.exists():
+        yield
+    except ModelError:
+        raise
+    except Exception as err:
+        if not Path(path_or_id).expanduser().exists():
             raise ModelError(f"{path_or_id}: not a local model directory, and not in the local Hugging Face "
                              f"cache{' (offline)' if local_only else ''}: {first_line(err)}") from None
         raise ModelError(f"{path_or_id}: cannot load model: {first_line(err)}") from None
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ModelError(f"{path_or_id}: the tokenizer has neither a pad nor an eos token")
-        tokenizer.pad_token = tokenizer.eos_token
-    meta = _read_meta(path) if path.is_dir() else {}
-    if adapter is not None:
-        model, meta["adapter"] = _attach_adapter(model, adapter, path_or_id, trainable)
-    if "quantization_config" not in init_kwargs:  # quantized weights are placed by bitsandbytes
-        model.to(device)
-    model.eval()
-    return LoadedModel(model, tokenizer, meta, device, str(path_or_id))
 
 
 def _attach_adapter(model, adapter: str, base_name: str, trainable: bool = False):
@@ -275,71 +254,7 @@ def check_out_dir(out_dir: str | Path) -> Path:
     return out
 
 
-# ---- adapters and task checks -----------------------------------------------------------------------
-
-def add_lora(model, config=None):
-    """Wrap ``model`` in a trainable adapter: ``config`` (a peft `LoraConfig`), by default LoRA
-    of rank 16 on every linear layer."""
-    from peft import LoraConfig, get_peft_model
-
-    if config is None:
-        config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
-
-
-def add_markers(loaded: LoadedModel, seed: int = 0) -> list[int]:
-    """Add the text format's markers (`lmcoh.lm.text.MARKERS`) that the tokenizer lacks as special
-    tokens and grow the embeddings to fit. Returns the new tokens' ids (to be trained: `lora_config`).
-
-    Each new row (input, and output when untied) is drawn, seeded, from a normal distribution with
-    the mean and covariance of the existing rows (as transformers' ``mean_resizing``): it starts
-    as a typical token, and the goal markers start apart, where rows set to the mean would start
-    as a short, shared vector that a LoRA run needs many steps to pull apart.
-    """
-    from tokenizers import AddedToken
-
-    tokenizer, model = loaded.tokenizer, loaded.model
-    missing = [m for m in MARKERS if m not in tokenizer.get_vocab()]
-    if not missing:
-        return []
-    old = model.get_input_embeddings().weight.shape[0]
-    # lstrip: a marker takes the space before it, one token fewer per action
-    tokenizer.add_tokens([AddedToken(m, special=True, normalized=False, lstrip=True) for m in missing],
-                         special_tokens=True)
-    ids = tokenizer.convert_tokens_to_ids(missing)
-    if len(tokenizer) > old:  # an embedding matrix may already have spare rows
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in {id(x.weight): x for x in (model.get_input_embeddings(), model.get_output_embeddings())
-                      if x is not None}.values():  # a tied output layer shares the input rows
-            rows = layer.weight[:min(ids)].double().cpu()
-            mean = rows.mean(dim=0)
-            cov = (rows - mean).T @ (rows - mean) / len(rows)
-            scale = torch.linalg.cholesky(cov + 1e-9 * cov.diagonal().mean() * torch.eye(len(mean), dtype=cov.dtype))
-            draw = mean + torch.randn(len(ids), len(mean), generator=generator, dtype=cov.dtype) @ scale.T
-            layer.weight[ids] = draw.to(layer.weight)
-    return ids
-
-
-def lora_config(model, r: int = 16, alpha: int = 32, target_modules="all-linear", new_tokens=()):
-    """A peft `LoraConfig`: LoRA of rank ``r`` on ``target_modules`` plus, through
-    ``trainable_token_indices``, the embedding rows of ``new_tokens`` (input and output rows; one
-    matrix when they are tied). The rest of the model's vocabulary stays frozen."""
-    from peft import LoraConfig
-    from transformers.pytorch_utils import Conv1D
-
-    indices = None
-    if new_tokens:
-        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
-        indices = list(new_tokens)
-        if head is not None and head.weight is not embed.weight:
-            names = {m: n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
-            indices = {names[embed]: list(new_tokens), names[head]: list(new_tokens)}
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules,
-                      task_type="CAUSAL_LM", trainable_token_indices=indices,
-                      fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()))  # GPT-2's layers
-
+# ---- a model for a task -----------------------------------------------------------------------------
 
 def model_layout(meta: dict, format: str | None = None, mode: str | None = None,
                  goal_text: str | None = None) -> Layout:
@@ -385,3 +300,15 @@ def check_task_fits(loaded: LoadedModel, task: Task, layout: Layout = Layout()) 
         if "".join(back.split()) != "".join(text.split()):
             raise ModelError(f"the tokenizer of {loaded.path or 'the model'} cannot write {text.strip()!r} "
                              f"from task {task.name!r}; pretrain a model for this task (lmcoh pretrain)")
+
+
+def open_for_task(ref: str, task: Task, *, adapter: str | None = None, format: str | None = None,
+                  prompt: str | None = None, goal_text: str | None = None, weights: bool = True,
+                  **load_kwargs) -> tuple[LoadedModel, Layout]:
+    """Load model ``ref`` (and ``adapter``) for ``task``: the model, and the layout it is prompted
+    in (the choices given, else its own), checked to write every text of the task. Without
+    ``weights`` only the tokenizer is loaded: a cheap check before any work."""
+    loaded = load_model(ref, adapter=adapter, **load_kwargs) if weights else load_tokenizer(ref)
+    layout = model_layout(loaded.meta, format, prompt, goal_text)
+    check_task_fits(loaded, task, layout)
+    return loaded, layout

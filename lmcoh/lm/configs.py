@@ -1,0 +1,104 @@
+"""lmcoh's settings for TRL's trainer and model dataclasses, the way TRL sets its own.
+
+TRL's `SFTConfig` redeclares the `TrainingArguments` fields whose defaults it changes; lmcoh
+does the same to TRL's `SFTConfig` and `ModelConfig` for small policy models trained with LoRA:
+each changed default is a field here, with help text, so ``--help`` shows it and a config file
+or a flag overrides it. Sizes that follow from others are derived in ``__post_init__``:
+`PolicySFTConfig.per_device_train_batch_size` from `global_batch_size`, one rule for the recipes
+and for ``lmcoh pretrain``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers.trainer_utils import SaveStrategy
+from transformers.training_args import OptimizerNames, trainer_log_levels
+from trl import ModelConfig, SFTConfig
+
+from ..errors import RunError
+
+_CUDA = torch.cuda.is_available()
+
+
+def bf16_available() -> bool:
+    """bf16 mixed precision by default only on a GPU that supports it."""
+    return _CUDA and torch.cuda.is_bf16_supported()
+
+
+@dataclass
+class PolicySFTConfig(SFTConfig):
+    """TRL's `SFTConfig` with lmcoh's defaults for LoRA on small policy models (see each field's help)."""
+
+    global_batch_size: int = field(default=64, metadata={"help": (
+        "lmcoh: sequences per optimiser step over all processes; per_device_train_batch_size is derived as "
+        "global_batch_size / (processes x gradient_accumulation_steps), so any number of processes takes the "
+        "same steps. 0: use per_device_train_batch_size as given.")})
+    num_train_epochs: float = field(default=2.0, metadata={"help": "lmcoh: passes over each round's episodes."})
+    learning_rate: float = field(default=2e-3, metadata={"help": (
+        "lmcoh: the peak learning rate (LoRA on a small model wants far more than TRL's 2e-5).")})
+    per_device_train_batch_size: int = field(default=64, metadata={"help": (
+        "Sequences per step and device; derived from global_batch_size unless that is 0.")})
+    warmup_steps: float = field(default=0.05, metadata={"help": (
+        "lmcoh: linear warmup, in steps or (below 1) as a share of the steps.")})
+    seed: int = field(default=0, metadata={"help": "lmcoh: the run's seed; each round derives its own from it."})
+    report_to: None | str | list[str] = field(default="none", metadata={"help": (
+        "Integrations to report results and logs to (tensorboard, wandb, ...); lmcoh: none.")})
+    save_strategy: SaveStrategy | str = field(default="no", metadata={"help": (
+        "lmcoh: no Trainer checkpoints (each round saves its own model).")})
+    logging_steps: float = field(default=50, metadata={"help": "Log every X update steps."})
+    log_level: str = field(default="warning", metadata={"help": "lmcoh: the Trainer logs warnings and errors only.",
+                                                        "choices": trainer_log_levels.keys()})
+    bf16: bool | None = field(default=None, metadata={"help": (
+        "bf16 mixed precision; lmcoh's default: only on a GPU that supports it.")})
+    activation_checkpointing: bool | None = field(default=False, metadata={"help": (
+        "Recompute activations in the backward pass to save memory; lmcoh: off (small models: memory is not the "
+        "constraint).")})
+    gradient_checkpointing: bool | None = field(default=None, metadata={"help": (
+        "Deprecated alias of activation_checkpointing (TRL's default True is lmcoh's unset).")})
+    completion_only_loss: bool | None = field(default=True, metadata={"help": (
+        "lmcoh: the loss falls on the actions' tokens only (the completion mask).")})
+    max_length: int | None = field(default=None, metadata={"help": "lmcoh: never truncate an episode."})
+    optim: OptimizerNames | str = field(default="adamw_torch", metadata={"help": "The optimizer; lmcoh: torch's AdamW."})
+    dataloader_pin_memory: bool = field(default=_CUDA, metadata={"help": "Pin memory (lmcoh: on a GPU only)."})
+    use_cpu: bool = field(default=not _CUDA, metadata={"help": (
+        "Train on the CPU (lmcoh: where there is no GPU; under torchrun: gloo data parallelism).")})
+    ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": (
+        "lmcoh: off (every trainable weight takes part in every step).")})
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = bf16_available()
+        super().__post_init__()
+        if isinstance(self.global_batch_size, bool) or not isinstance(self.global_batch_size, int) \
+                or self.global_batch_size < 0:
+            raise RunError(f"global_batch_size must be >= 0, got {self.global_batch_size!r}")
+        if self.per_device_train_batch_size < 1:
+            raise RunError(f"per_device_train_batch_size must be >= 1, got {self.per_device_train_batch_size}")
+        if self.global_batch_size:
+            self.per_device_train_batch_size = per_device_batch(self.global_batch_size, self.world_size,
+                                                                self.gradient_accumulation_steps)
+
+
+def per_device_batch(global_batch: int, processes: int, accumulation: int = 1) -> int:
+    """The per-device batch that makes ``global_batch`` sequences per optimiser step."""
+    if accumulation < 1:
+        raise RunError(f"gradient_accumulation_steps must be >= 1, got {accumulation}")
+    split = processes * accumulation
+    if global_batch % split:
+        raise RunError(f"global_batch_size {global_batch} does not split evenly over {processes} process(es) "
+                       f"x {accumulation} accumulation step(s)")
+    return global_batch // split
+
+
+@dataclass
+class PolicyModelConfig(ModelConfig):
+    """TRL's `ModelConfig` with lmcoh's LoRA defaults: a small adapter on every linear layer."""
+
+    use_peft: bool = field(default=True, metadata={"help": "lmcoh: train a LoRA adapter, not the whole model."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank (lmcoh: 8)."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (lmcoh: 16)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (lmcoh: none)."})
+    lora_target_modules: list[str] | None = field(default_factory=lambda: ["all-linear"], metadata={"help": (
+        "Modules LoRA adapts (lmcoh: all-linear, every linear layer).")})
