@@ -288,6 +288,18 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _add_layout_options(p: argparse.ArgumentParser, *, prompt: str, format: str, goal_text: str) -> None:
+    """How the model reads a task (`lmcoh.lm.text.Layout`); the arguments say each default."""
+    from .lm.text import FORMATS, PROMPT_MODES
+
+    p.add_argument("--prompt", choices=PROMPT_MODES,
+                   help=f"history: the whole transcript; markov: only the current state and step (default: {prompt})")
+    p.add_argument("--format", choices=FORMATS,
+                   help=f"compact, natural or chat (the tokenizer's chat template) (default: {format})")
+    p.add_argument("--goal-text", metavar="TEXT",
+                   help=f"state the success goal in these words instead of the <success> token (default: {goal_text})")
+
+
 def _add_tabulation_options(p: argparse.ArgumentParser) -> None:
     """How an LM policy is tabulated: exactly over its histories, or by Monte Carlo past a size."""
     p.add_argument("--max-histories", type=_nonnegative_int, default=200_000,
@@ -374,15 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--goal", choices=("success", "failure", "none"), default="success",
                        help="the goal token the prompt starts with (default success)")
         p.add_argument("--temperature", type=_positive_float, default=1.0, help="logit temperature (default 1)")
-        p.add_argument("--prompt", choices=PROMPT_MODES,
-                       help="history: the whole transcript; markov: only the current state and step "
-                            "(default: the model's own, else history)")
-        p.add_argument("--format", choices=FORMATS,
-                       help="compact, natural or chat (the tokenizer's chat template) (default: the model's own, "
-                            "else compact)")
-        p.add_argument("--goal-text", metavar="TEXT",
-                       help="state the success goal in these words instead of the <success> token "
-                            "(default: the model's own, else the token)")
+        _add_layout_options(p, prompt="the model's own, else history", format="the model's own, else compact",
+                            goal_text="the model's own, else the token")
         p.add_argument("--seed", type=_nonnegative_int, default=0, help="seed (default 0)")
         p.add_argument("--batch-size", type=_positive_int, default=256,
                        help="sequences per forward pass (default 256)")
@@ -407,15 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="the card's directory (must not exist)")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     p.add_argument("--tasks", nargs="+", metavar="TASK", help="tasks to measure (default: the built-in tasks)")
-    p.add_argument("--format", choices=FORMATS,
-                   help="text format (default: the model's own; else chat where the tokenizer has a chat "
-                        "template, natural otherwise)")
-    p.add_argument("--prompt", choices=PROMPT_MODES,
-                   help="markov: only the current state, so the policy is Markov and G(p_M) exactly conditions it; "
-                        "history: the whole transcript (default: the model's own, else markov)")
-    p.add_argument("--goal-text", metavar="TEXT",
-                   help="the success goal in words (default: the model's own; for a model lmcoh did not "
-                        "condition, \"Choose so that you succeed.\")")
+    _add_layout_options(p, prompt="the model's own, else markov, under which G(p_M) exactly conditions the "
+                                  "model's own policy",
+                        format="the model's own, else chat where the tokenizer has a chat template, natural "
+                               "otherwise",
+                        goal_text="the model's own; for a model lmcoh did not condition, \"Choose so that you "
+                                  "succeed.\"")
     p.add_argument("--seed", type=_nonnegative_int, default=0, help="seed of the Monte Carlo estimates (default 0)")
     p.add_argument("--batch-size", type=_positive_int, default=256,
                    help="rows per forward pass, at most (default 256; fewer where memory asks)")

@@ -2,12 +2,9 @@
 model really holds it, a measured peak under the limit the estimate sized the batch for, and a
 refusal in one line when not even one history fits."""
 
-import json
+import multiprocessing
 import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -20,11 +17,9 @@ from lmcoh.lm.loading import LoadedModel
 from lmcoh.lm.tabulate import tabulate
 from lmcoh.lm.text import Layout
 
-ROOT = Path(__file__).resolve().parent.parent
-
-WORDS = " ".join(f"w{i}" for i in range(200))  # 200 tokens for the word-level tokenizer
+WORDS = " ".join(f"w{i}" for i in range(120))  # 120 tokens for the word-level tokenizer
 # A tree of three decisions among four actions whose state texts are long: 21 histories, 64 rows
-# at the last step, each of up to ~650 tokens.
+# at the last step, each of up to ~370 tokens.
 LONG = f"""
 name: long_texts
 horizon: 3
@@ -62,37 +57,42 @@ def test_kv_cache_per_token_is_what_the_model_holds(kv_heads, mountain):
 def _long_model():
     task = task_from_yaml(LONG, "long_texts")
     tokenizer = build_tokenizer(task)
-    return task, LoadedModel(new_llama(tokenizer, hidden_size=256, num_layers=4, num_heads=8).eval(), tokenizer)
+    return task, LoadedModel(new_llama(tokenizer, hidden_size=128, num_layers=4, num_heads=8).eval(), tokenizer)
 
 
-def test_the_peak_stays_under_the_limit_the_batch_was_sized_for(tmp_path):
-    """In a fresh process under a 1.1 GB limit: the tabulation's estimate for all 64 rows at once
-    exceeds the limit, so the batch shrinks, and the measured peak stays under the limit."""
-    code = f"""
-import json, resource, sys
-sys.path.insert(0, {str(ROOT / 'tests')!r})
-from test_memory import _long_model
-from lmcoh.lm import memory, scoring
-from lmcoh.lm.tabulate import tabulate
-task, lm = _long_model()
-fp = memory.Footprint.of(lm.model)
-prompts, state, action = scoring.Codec(lm.tokenizer, task).lengths()
-sized = []
-fit = memory.fit_rows
-memory.fit_rows = lambda *a: sized.append(fit(*a)) or sized[-1]
-table = tabulate(lm, task, batch_size=256)
-print(json.dumps({{"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rows": sized,
-                  "unshrunk": memory.resident_bytes() + 64 * memory.tabulation_row(fp, prompts, state, action),
-                  "success": table.success, "exact": table.exact}}))
-"""
-    limit = 1.1 * 2 ** 30
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "LMCOH_MEMORY_LIMIT_GB": "1.1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    got = json.loads(proc.stdout.splitlines()[-1])
-    assert got["unshrunk"] > limit  # without shrinking, the estimate says the work would not fit
+def _peak_under(extra: float, out) -> None:
+    """In a forked child: tabulate the long-texts task under a limit ``extra`` bytes above what the
+    child holds at the start; send back the rows chosen, the estimate unshrunk and the peak."""
+    task, lm = _long_model()
+    fp = memory.Footprint.of(lm.model)
+    start = memory.resident_bytes()
+    limit = start + extra
+    os.environ["LMCOH_MEMORY_LIMIT_GB"] = str(limit / 2 ** 30)
+    prompts, state, action = scoring.Codec(lm.tokenizer, task).lengths()
+    unshrunk = start + 64 * memory.ALLOCATOR * memory.tabulation_row(fp, prompts, state, action)
+    sized = []
+    fit = memory.fit_rows
+    memory.fit_rows = lambda *a: sized.append(fit(*a)) or sized[-1]
+    table = tabulate(lm, task, batch_size=256)
+    with open("/proc/self/status") as f:  # VmHWM: the peak resident size, from the fork on
+        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+    out.put({"limit": limit, "unshrunk": unshrunk, "rows": sized, "peak": peak, "exact": table.exact,
+             "success": table.success})
+
+
+def test_the_peak_stays_under_the_limit_the_batch_was_sized_for():
+    """Under a limit 250 MB above what the process holds, the estimate for all 64 rows of the
+    last step at once exceeds the limit, so the batch shrinks, and the measured peak stays under it."""
+    context = multiprocessing.get_context("fork")
+    out = context.Queue()
+    child = context.Process(target=_peak_under, args=(250 * 2 ** 20, out))
+    child.start()
+    got = out.get(timeout=300)
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    assert got["unshrunk"] > got["limit"]  # without shrinking, the estimate says the work would not fit
     assert 4 <= got["rows"][0] < 64 and got["exact"] and 0 < got["success"] < 1
-    assert got["peak"] <= limit
+    assert got["peak"] <= got["limit"]
 
 
 def test_a_history_that_cannot_fit_is_refused_in_one_line(monkeypatch):
@@ -112,9 +112,9 @@ def test_a_history_that_cannot_fit_is_refused_in_one_line(monkeypatch):
 
 def test_a_history_beyond_the_context_is_refused():
     task, lm = _long_model()
-    short = LoadedModel(new_llama(lm.tokenizer, hidden_size=16, num_heads=2, max_position_embeddings=150).eval(),
+    short = LoadedModel(new_llama(lm.tokenizer, hidden_size=16, num_heads=2, max_position_embeddings=100).eval(),
                         lm.tokenizer)
-    with pytest.raises(ModelError, match="beyond the model's context of 150 tokens"):
+    with pytest.raises(ModelError, match="beyond the model's context of 100 tokens"):
         tabulate(short, task)
     with pytest.raises(ModelError, match="beyond the model's context"):
         tabulate(short, task, layout=Layout(mode="markov"), goal="none")

@@ -102,6 +102,7 @@ def _batch(model, task: Task, codec: Codec, temperature: float, u: np.ndarray,
         # markov prompts show only the new state: the next step starts a fresh context
         ctx = None if codec.layout.mode == "markov" else branch.take(keep)
         del branch
+        memory.reclaim()
         if ctx is not None:
             follows = codec.follow_of([actions[i][-1] for i in alive], [states[i][-1] for i in alive], t + 1)
             ctx.extend([list(c) for _, c in follows], back=[b for b, _ in follows],

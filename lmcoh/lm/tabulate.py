@@ -200,6 +200,7 @@ class _Tabulation:
                 p = rp[live_rows] - pair_start[h0]
                 self._expand(t + 1, child, rn[live_rows], pair_logw[p] + np.log(tau[live_rows]), pair_logq[p])
             del child
+            memory.reclaim()
             h0 = h1
 
     def result(self, n_histories: int) -> LMPolicy:

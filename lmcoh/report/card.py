@@ -10,6 +10,7 @@ the prompted model (diamond) and the optimum (bar). On the right, distance: TV(p
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -41,6 +42,9 @@ def write(out: str | Path, card: dict) -> Path:
     """Write ``out``/card.json, card.md and card.png; ``out`` appears whole or not at all."""
     out = Path(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # a directory as mkdir makes it (mkdtemp's is private)
     try:
         write_json(tmp / "card.json", card, indent=1)
         plot(tmp / "card.png", card)
