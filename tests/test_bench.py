@@ -38,3 +38,13 @@ def test_base_section():
     out = bench.bench_base(steps=2, episodes=4, epochs=1, batch_size=4)
     assert [r["family"] for r in out["rows"]] == ["gpt2", "llama"]
     assert all(r["pretrain_seconds"] > 0 and 0 <= r["tv_success_to_g"] <= 1 for r in out["rows"])
+
+
+def test_gguf_section(gpt2_tokenizer, tmp_path):
+    from conftest import random_standin
+    from lmcoh.lm.standins import save_gguf
+
+    lm = random_standin("gpt2", gpt2_tokenizer)
+    out = bench.bench_gguf(str(save_gguf(lm.model, lm.tokenizer, tmp_path / "m.gguf")))
+    assert out["first_seconds"] > 0 and out["cached_seconds"] > 0 and out["speedup"] > 0
+    assert bench.bench_gguf(str(tmp_path / "missing.gguf"))["skipped"]

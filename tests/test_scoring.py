@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import brute_logprobs, random_standin
+from conftest import TRIE, brute_logprobs, random_standin, task_from_yaml
 from lmcoh.errors import ModelError
 from lmcoh.lm import scoring
 from lmcoh.lm.loading import LoadedModel
@@ -37,6 +37,24 @@ def test_scores_equal_whole_text_log_probabilities(family, fmt, mode, tokenizers
         got = scoring.action_logprobs(lm, trie_task, histories, goal, layout, temperature=0.8)
         for (states, actions), g in zip(histories, got):
             want = brute_logprobs(lm, trie_task, layout, goal, states, actions, temperature=0.8)
+            np.testing.assert_allclose(g, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["compact", "natural", "chat"])
+def test_scores_equal_whole_text_on_smollm2s_tokenizer_and_template(fmt, smollm2_tokenizer, mountain):
+    """SmolLM2's own byte-level BPE and chat template (a random model of its vocabulary: the tokenizer is
+    what matters). The template writes its own system prompt into a conversation that has none (the trie
+    without a description, with no goal) and ends every turn with <|im_end|> and a newline."""
+    lm = random_standin("llama", smollm2_tokenizer, seed=1)
+    bare = task_from_yaml(TRIE.replace("description: Multi-word actions sharing their first words.\n", ""), "bare")
+    if fmt == "chat":
+        assert "named SmolLM" in Writer(bare, Layout(fmt), smollm2_tokenizer).prompt("none", [0], [])
+    cases = [(bare, Layout(fmt, mode), goal) for mode in ("history", "markov") for goal in ("success", "none")]
+    for task, layout, goal in cases + [(mountain, Layout(fmt, goal_text="Reach the gold."), "success")]:
+        histories = some_histories(task)
+        got = scoring.action_logprobs(lm, task, histories, goal, layout, temperature=0.8)
+        for (states, actions), g in zip(histories, got):
+            want = brute_logprobs(lm, task, layout, goal, states, actions, temperature=0.8)
             np.testing.assert_allclose(g, want, atol=1e-5)
 
 

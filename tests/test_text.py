@@ -74,6 +74,15 @@ def test_a_template_that_does_not_render_turn_by_turn_is_refused(mountain, llama
         Writer(mountain, Layout("chat"), copy).state("none", 1, 1)
 
 
+def test_a_template_that_refuses_the_conversation_is_one_line(mountain, llama_tokenizer):
+    copy = llama_tokenizer.__class__(tokenizer_object=llama_tokenizer.backend_tokenizer)
+    copy.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"  # Gemma's: no system turn
+                          "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(ModelError, match=r"refuses lmcoh's conversation \(System role not supported\)") as info:
+        Writer(mountain, Layout("chat"), copy).prompt("success", [0], [])
+    assert "\n" not in str(info.value)
+
+
 def test_episode_record_holds_the_text_in_its_layout(mountain):
     episode = Episode([0, 1, 3], [0, 2], [-0.5, -0.1], 1.0, True, "success")
     record = episode_record(Writer(mountain, Layout("natural")), episode)

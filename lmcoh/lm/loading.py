@@ -32,6 +32,7 @@ from .. import faults
 from ..errors import ModelError, first_line
 from ..io import replace_dir, write_json
 from ..tasks.task import Task
+from .gguf import cached_model_dir
 from .text import Layout, Writer
 
 # peft reads transformers' deprecated `is_gradient_checkpointing`: their warning, not the user's.
@@ -56,7 +57,8 @@ def default_device() -> str:
 
 def load_model(path_or_id: str, adapter: str | None = None, device: str | None = None,
                offline: bool = True, trainable: bool = False, **init_kwargs) -> LoadedModel:
-    """Load an lmcoh or any Hugging Face causal-LM directory (or a hub id) for inference.
+    """Load an lmcoh or any Hugging Face causal-LM directory, a GGUF file (lmcoh.lm.gguf) or a hub
+    id for inference.
 
     Hub ids go to ``from_pretrained`` unchanged; with ``offline`` (or ``HF_HUB_OFFLINE=1``)
     only the local cache is consulted. Never runs remote code. ``init_kwargs`` go to
@@ -99,7 +101,7 @@ def load_tokenizer(path_or_id: str, offline: bool = True) -> LoadedModel:
 
 def _source(path_or_id: str, offline: bool) -> tuple[str, bool]:
     """What ``from_pretrained`` reads for ``path_or_id``, and whether only local files may be used."""
-    path = Path(path_or_id).expanduser()
+    path = cached_model_dir(path_or_id) or Path(path_or_id).expanduser()  # a GGUF file: its converted directory
     if path.is_dir():
         if not (path / "config.json").is_file():
             hint = " (it holds a LoRA adapter: pass it as --adapter)" if (path / "adapter_config.json").exists() else ""

@@ -12,7 +12,9 @@ two families that small hub models come in, each with its own tokenizer trained 
   tokens; ``<s>`` is prepended) and a ChatML chat template.
 
 Both have about a million parameters and tied input and output embeddings, and are saved with
-``save_pretrained`` (safetensors), so they load like any hub directory.
+``save_pretrained`` (safetensors), so they load like any hub directory. `save_gguf` writes the
+``gpt2`` one as a GGUF file as GPT-2 checkpoints are published for llama.cpp (quantized matrices,
+the tokenizer in the metadata, no chat template): a real GGUF of another family than SmolLM2's.
 """
 
 from __future__ import annotations
@@ -164,3 +166,59 @@ def build(family: str, out_dir: str | Path, seed: int = 0, steps: int = 400, tex
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
     return out
+
+
+def save_gguf(model, tokenizer, path: str | Path) -> Path:
+    """Write the ``gpt2`` stand-in ``model`` and its byte-level BPE ``tokenizer`` as the GGUF file
+    ``path``: matrices in Q8_0 and norms and biases in float32, tensors named by the ``gguf``
+    package's own map of GPT-2's names, and the vocabulary, merges and special tokens in the
+    metadata (``tokenizer.ggml.*``), which is what transformers' GGUF reader expects."""
+    import gguf
+    import numpy as np
+    from transformers.pytorch_utils import Conv1D
+
+    config = model.config
+    if config.model_type != "gpt2":
+        raise ValueError(f"save_gguf writes the gpt2 stand-in, not a {config.model_type} model")
+    writer = gguf.GGUFWriter(str(path), "gpt2")
+    writer.add_name("lmcoh gpt2 stand-in")
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    writer.add_block_count(config.n_layer)
+    writer.add_context_length(config.n_positions)
+    writer.add_embedding_length(config.n_embd)
+    writer.add_feed_forward_length(config.n_inner or 4 * config.n_embd)
+    writer.add_head_count(config.n_head)
+    writer.add_layer_norm_eps(config.layer_norm_epsilon)
+
+    vocab = tokenizer.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    special = set(tokenizer.all_special_tokens)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, config.n_layer)
+    conv = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Conv1D)}
+    tied = config.tie_word_embeddings
+    for hf_name, tensor in model.state_dict().items():
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None or (tied and name == "output.weight"):  # a tied head is the token embeddings
+            continue
+        data = tensor.detach().cpu().float().numpy()
+        if hf_name in conv:  # GPT-2's Conv1D stores (in, out); GGUF, like a Linear, (out, in)
+            data = np.ascontiguousarray(data.T)
+        if data.ndim == 2 and data.shape[1] % 32 == 0:
+            writer.add_tensor(name, gguf.quantize(data, gguf.GGMLQuantizationType.Q8_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)

@@ -39,7 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..errors import ModelError
+from ..errors import ModelError, first_line
 from ..tasks.task import Task
 
 GOALS = ("success", "failure", "none")
@@ -112,7 +112,13 @@ class Writer:
 
     def _chat(self, messages: list[dict], reply: bool) -> str:
         """The rendered conversation; ``reply``: ends with the prompt for the assistant's reply."""
-        return self._render(messages, tokenize=False, add_generation_prompt=reply)
+        from jinja2 import TemplateError
+
+        try:
+            return self._render(messages, tokenize=False, add_generation_prompt=reply)
+        except TemplateError as err:  # a template's own refusal, e.g. Gemma's "System role not supported"
+            raise ModelError(f"the chat template refuses lmcoh's conversation ({first_line(err)}); "
+                             "use --format compact or natural") from None
 
     def _added(self, before: list[dict], before_reply: bool, after: list[dict], after_reply: bool) -> str:
         """The text that rendering ``after`` adds to rendering ``before`` (which must be a prefix of it)."""
