@@ -94,3 +94,17 @@ def test_card_command_writes_its_files_once(chat_model, tmp_path, capsys):
     assert cli.main(argv[:-1] + ["--overwrite", "--tasks", "lottery"]) == 0
     assert [row["task"] for row in json.loads((out / "card.json").read_text())["tasks"]] == ["lottery"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["card"]  # nothing half-written beside it
+
+
+def test_smollm2s_card(smollm2_gguf, smollm2_dir, tmp_path, capsys):  # smollm2_dir: converted once per run
+    """SmolLM2-135M-Instruct, zero-shot, Markov chat prompts: on the mountain race stating the goal
+    lowers its success below its own (0.876 against 0.937) where exact conditioning of its own
+    behaviour reaches 0.983; on the lottery the prompt lands within TV 0.01 of that conditioning."""
+    assert cli.main(["card", smollm2_gguf, "--out", str(tmp_path / "card"), "--tasks", "mountain_race", "lottery",
+                     "--json"]) == 0
+    race, lottery = json.loads(capsys.readouterr().out)["tasks"]
+    assert [race[k] for k in ("success_policy", "success_reference", "success_conditioned", "tv_to_conditioned")] \
+        == pytest.approx([0.8764, 0.9371, 0.9829, 0.0646], abs=2e-3)
+    assert race["incoherence"] == "inf" and race["success_optimal"] == 1.0
+    assert lottery["tv_to_conditioned"] == pytest.approx(0.0095, abs=2e-3)
+    assert lottery["tv_to_reference"] == pytest.approx(0.1577, abs=2e-3)
