@@ -114,15 +114,17 @@ def _first_path(task: Task) -> tuple[list[int], list[int]]:
 
 
 def _cmd_exact(args: argparse.Namespace) -> None:
-    from .oracle import exact
+    from .oracle import exact, klrl
     from .tasks.library import load_task
 
     task = load_task(args.task)
     elements = sum(len(layer.states) + len(layer.actions) + len(layer.trans) for layer in task.layers)
     budget.check(f"the exact oracle on {task.name!r} over {args.steps} steps",
-                 budget.oracle_bytes(elements, task.n_actions, args.steps, tables=args.json and not args.no_policies))
+                 budget.oracle_bytes(elements, task.n_actions, args.steps, tables=args.json and not args.no_policies,
+                                     sequences=len(exact.ALL_SEQUENCES)))
     if args.json:
-        result = exact.analyse(task, steps=args.steps, delta=args.delta, policies=not args.no_policies)
+        result = exact.analyse(task, steps=args.steps, delta=args.delta, policies=not args.no_policies,
+                               epsilon=args.epsilon)
         print(dumps(result))
         return
     dynamics = "deterministic" if task.deterministic else "stochastic"
@@ -136,15 +138,23 @@ def _cmd_exact(args: argparse.Namespace) -> None:
     heads = [f"pi({task.action_names[first.actions[j]]}|{task.state_names[s0]})" for j in shown]
     header = f"{'k':>3}  {'success':>9}  {'return':>9}  {'incoherence':>11}  {'entropy':>8}"
     header += "".join(f"  {h:>{max(10, len(h))}}" for h in heads)
-    for kind in exact.SEQUENCES:
-        print(f"\n{kind}")
-        print(header)
-        for k, pi in enumerate(exact.sequence(task, kind, args.steps)):
-            s = exact.summary(task, pi, args.delta)
-            row = (f"{k:>3}  {s['success']:>9.6f}  {s['return']:>9.4f}  {s['incoherence']:>11.6f}"
-                   f"  {s['causal_entropy']:>8.4f}")
-            row += "".join(f"  {pi[0][j]:>{max(10, len(h))}.6f}" for j, h in zip(shown, heads))
-            print(row)
+    for kind in exact.ALL_SEQUENCES:
+        title = {"klrl": f"klrl: max E[sum log max(q, {args.epsilon:g})] - (1/k) KL(pi || p)",
+                 "klrl_success": "klrl_success: max E[success] - (1/k) KL(pi || p)"}.get(kind, kind)
+        print(f"\n{title}")
+        rows, note = [], ""
+        try:
+            for k, pi, s in exact.summarised_sequence(task, kind, args.steps, args.delta, args.epsilon):
+                row = (f"{k:>3}  {s['success']:>9.6f}  {s['return']:>9.4f}  {s['incoherence']:>11.6f}"
+                       f"  {s['causal_entropy']:>8.4f}")
+                rows.append(row + "".join(f"  {pi[0][j]:>{max(10, len(h))}.6f}" for j, h in zip(shown, heads)))
+                note = klrl.over_histories(s["histories"]) if "histories" in s else note
+        except klrl.TooManyHistories as err:
+            print(f"  left out: {err}")
+            continue
+        print("\n".join([header] + rows))
+        if note:
+            print(f"  ({note})")
 
 
 def _cmd_study(args: argparse.Namespace) -> None:
@@ -308,7 +318,16 @@ def _add_tabulation_options(p: argparse.ArgumentParser) -> None:
                    help="episodes for the Monte Carlo estimate (default 4000)")
 
 
+def _unit_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .oracle.klrl import EPSILON as klrl_epsilon  # numpy only
+
     parser = argparse.ArgumentParser(
         prog="lmcoh", description="Coherence of goal-conditioned language-model policies on small decision tasks.")
     parser.add_argument("--memory-limit", type=_positive_float, metavar="GB",
@@ -334,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", type=_positive_float, default=1.0, help="incoherence temperature delta (default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--no-policies", action="store_true", help="leave the policies out of the JSON")
+    p.add_argument("--epsilon", type=_unit_float, default=klrl_epsilon,
+                   help=f"the floor of q in the klrl reward R = sum log max(q, epsilon) (default {klrl_epsilon:g})")
     p.set_defaults(handler=_cmd_exact)
 
     p = sub.add_parser("study", help="check every claim of the paper on exact numbers; write a report")

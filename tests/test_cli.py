@@ -55,7 +55,8 @@ def test_exact_json_mountain_race():
     assert ups[:4] == pytest.approx([1 / 2, 2 / 5, 8 / 17, 32 / 59], abs=1e-12)
     assert retrain[0]["return"] == "-inf" and retrain[0]["incoherence"] == "inf"
     assert retrain[0]["success"] == pytest.approx(5 / 8) and retrain[1]["success"] == pytest.approx(17 / 20)
-    assert set(result["sequences"]) == {"retrain", "temperature", "fold", "fold_ratio", "cumulative"}
+    assert set(result["sequences"]) == {"retrain", "temperature", "fold", "fold_ratio", "cumulative", "klrl",
+                                         "klrl_success"}
 
 
 def test_exact_json_without_policies(capsys):

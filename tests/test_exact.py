@@ -169,7 +169,7 @@ def test_example3_retrain_fold_and_temperature():
 
 def test_analyse_json_shape_and_infinities():
     out = E.analyse(MOUNTAIN, steps=2, policies=True)
-    assert set(out["sequences"]) == set(E.SEQUENCES)
+    assert set(out["sequences"]) == set(E.ALL_SEQUENCES)
     first = out["sequences"]["retrain"][0]
     assert first["return"] == -math.inf and first["incoherence"] == math.inf
     written = json.loads(dumps(out))["sequences"]["retrain"][0]  # lmcoh.io's JSON convention

@@ -348,3 +348,27 @@ def test_the_comparison_killed_midway_resumes_to_the_same_numbers(tmp_path):
     rows = [json.loads((d / "comparison.json").read_text())["rows"] for d in (straight, killed)]
     _same(*rows)
     assert not (tmp_path / "killed.partial").exists()
+
+
+KLRL_SMALL = ["--task", "mountain_race", "--max_steps", "6", "--evaluate_every", "2", "--global_batch_size", "8",
+              "--disable_tqdm", "true"]
+
+
+@pytest.mark.slow
+def test_kl_rl_killed_at_every_stage_resumes_to_the_same_metrics(tmp_path, mountain_prior):
+    """Killed while training (step 3), writing an evaluation, then writing the report: the resumed
+    run's evaluations are the uninterrupted run's, to the last digit but the seconds."""
+    from lmcoh.runs.arguments import parse
+    from lmcoh.runs.klrl import make_klrl_parser
+
+    argv = [*KLRL_SMALL, "--model_name_or_path", mountain_prior]
+    straight = recipe("kl_rl").main(*parse(make_klrl_parser(), [*argv, "--output_dir", str(tmp_path / "straight")]))
+    out = tmp_path / "killed"
+    for point in ("train:3", "write_round:2", "report"):
+        _killed_at(point, "kl_rl.py", [*argv, "--output_dir", out])
+    recipe("kl_rl").main(*parse(make_klrl_parser(), [*argv, "--output_dir", str(out)]))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    expected = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 2, 4, 6]
+    assert _without_seconds(rows) == _without_seconds(expected)
+    assert (out / "report.md").is_file() and not list((out / "rounds").glob(".tmp-*"))

@@ -78,10 +78,14 @@ def test_every_recipe_config_loads_and_names_a_builtin_task():
     configs = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
     tasks = {p.stem for p in (ROOT / "tasks").glob("*.yaml")}
     assert tasks <= {p.stem for p in configs}
-    from lmcoh.runs.arguments import TemperatureArguments
+    from lmcoh.runs.arguments import TemperatureArguments, parse
+    from lmcoh.runs.klrl import make_klrl_parser
     for path in configs:
         kind = TemperatureArguments if path.stem == "temperature_vs_retraining" else None
-        args, sft, model = recipe_args("--config", path, script_type=kind)
+        if path.stem.startswith("kl_rl"):
+            args = parse(make_klrl_parser(), ["--config", str(path)])[0]
+        else:
+            args, sft, model = recipe_args("--config", path, script_type=kind)
         load_task(args.task)
 
 

@@ -103,6 +103,22 @@ def test_stochastic_divergence_needs_stochastic_tasks(tasks):
     assert flipped["checks"][-1]["verdict"] == study.FAILS
 
 
+def test_klrl_equals_temperature_only_on_deterministic_tasks(tasks):
+    det = study.Family("deterministic", True, [tasks["mountain_race"], random_tree(T=3, A=2, seed=0)])
+    stoch = study.Family("stochastic", False, [tasks["stochastic_example"], study._grid(3, 0.2, 0)])
+    sec = study.klrl_pressures([det, stoch], steps=2)
+    assert sec["verdict"] == study.HOLDS and sec["id"] == 9
+    example3 = next(r for r in sec["rows"] if r["task"] == "stochastic_example")
+    assert example3["S klrl"] == pytest.approx(exact.success(tasks["stochastic_example"],
+                                                             [np.array([math.sqrt(2) - 1, 2 - math.sqrt(2)])]))
+    slippery = sec["observations"][1]["evidence"]  # which pressure is the more successful, and by how much
+    assert "most successful: klrl, by" in slippery or "most successful: retrain, by" in slippery
+    assert "tasks" in sec["observations"][-1]["evidence"] and sec["observations"][-1]["verdict"] == study.HOLDS
+    flipped = study.klrl_pressures([study.Family("deterministic", True, [tasks["stochastic_example"]]),
+                                    study.Family("stochastic", False, [tasks["mountain_race"]])], steps=2)
+    assert [c["verdict"] for c in flipped["checks"]] == [study.FAILS, study.FAILS]
+
+
 def test_prior_folds_flip_to_a_uniform_prior(tasks):
     assert study.prior_folds([tasks["habit"]], steps=3)["verdict"] == study.HOLDS
     flipped = study.prior_folds([tasks["mountain_race"]], steps=3)

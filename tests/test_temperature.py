@@ -28,9 +28,10 @@ def compare(*args, **kwargs):
 def temperature_args(*argv):
     return recipe_args(*argv, script_type=TemperatureArguments)
 ROW_KEYS = ["k", "exact_retrain_success", "exact_temperature_success", "exact_tv_retrain_vs_temperature",
+            "exact_klrl_success", "exact_klrl_success_success", "exact_tv_temperature_vs_klrl",
             "lm_retrain_success", "lm_rejection_success", "lm_tv_retrain_vs_rejection",
             "lm_logit_temperature_success", "rejection_samples_per_episode", "retrain_seconds",
-            "rejection_seconds_per_episode"]
+            "retrain_episodes_sampled", "retrain_gradient_steps", "rejection_seconds_per_episode"]
 
 
 def prior_sampler(task):
@@ -130,7 +131,8 @@ def exact_methods(task, K):
         return pi, exact.success(task, pi)
 
     return Methods(prior_sampler(task), lambda k: (retrain[k], exact.success(task, retrain[k])), logit,
-                   [10.0 * max(k - 1, 0) for k in range(K + 1)])
+                   [10.0 * max(k - 1, 0) for k in range(K + 1)], [1000 * max(k - 1, 0) for k in range(K + 1)],
+                   [30 * max(k - 1, 0) for k in range(K + 1)])
 
 
 def test_comparison_json_report_and_plots_lottery(tmp_path):
@@ -222,7 +224,8 @@ def test_lm_retraining_against_rejection_sampling(tmp_path, name, default_prior)
     within 0.05 of its own exact target. Mountain race: retrained LM and rejection agree (TV <= 0.08)."""
     out = recipe("temperature_vs_retraining").main(*temperature_args(
         "--task", name, "--output_dir", tmp_path / "out", "--rounds", 1, "--rejection_episodes", 1500,
-        "--episodes_per_round", 1500, "--model_name_or_path", default_prior(name), "--disable_tqdm", "true"))
+        "--episodes_per_round", 1500, "--model_name_or_path", default_prior(name), "--klrl_max_steps", 0,
+        "--disable_tqdm", "true"))
     rows = json.loads((out / "comparison.json").read_text())["rows"]
     lm = json.loads((out / "details.json").read_text())["lm"]
     assert [list(r) for r in rows] == [ROW_KEYS] * 3
@@ -238,3 +241,30 @@ def test_lm_retraining_against_rejection_sampling(tmp_path, name, default_prior)
             f"the success-prompted prior is {lm[1]['retrain_tv_to_exact']:.3f} TV from G(p): "
             "pretraining did not learn goal conditioning (lmcoh.lm.pretrain), so nothing downstream can match")
         assert max(r["lm_tv_retrain_vs_rejection"] for r in rows) <= 0.08
+
+
+def test_four_pressures_with_kl_rl_runs(tmp_path):
+    """KL-RL runs (their metrics.jsonl) join the comparison: exact and LM success, TV and costs."""
+    from lmcoh.io import write_jsonl
+    from lmcoh.oracle import klrl
+
+    task = load_task("stochastic_example")
+    runs = {}
+    for reward in ("log_q", "success"):
+        optimum = klrl.optimum(task, 0.5, reward, epsilon=1e-3).policy
+        runs[(2, reward)] = tmp_path / reward
+        runs[(2, reward)].mkdir()
+        write_jsonl(runs[(2, reward)] / "metrics.jsonl", [{
+            "step": 300, "policy": exact.policy_table(task, optimum), "tv_to_target": 0.01, "episodes_sampled": 9600,
+            "gradient_steps": 300, "train_seconds": 100.0}])
+    comparison, details = compare(task, 2, exact_methods(task, 2), rejection_episodes=500, max_proposals=10_000,
+                                  klrl_runs=runs, epsilon=1e-3)
+    row = comparison["rows"][2]
+    assert row["exact_klrl_success"] == pytest.approx(row["lm_klrl_success"], abs=1e-12)
+    assert abs(row["exact_tv_temperature_vs_klrl"] - abs(7 / 17 - (2 ** 0.5 - 1))) < 1e-9
+    assert [r["tv_to_exact"] for r in details["klrl_lm"]] == pytest.approx([0.0, 0.0], abs=1e-12)
+    (tmp_path / "out").mkdir()
+    write_outputs(tmp_path / "out", comparison, details, task)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Four pressures on stochastic_example" in md and "| 2 | KL-RL beta = 1/k, R = success |" in md
+    assert "KL-RL at beta = 1/k parts ways with temperature" in md and "9600 | 300 | 100.0 |" in md

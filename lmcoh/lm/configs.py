@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.trainer_utils import SaveStrategy
 from transformers.training_args import OptimizerNames, trainer_log_levels
-from trl import ModelConfig, SFTConfig
+from trl import GRPOConfig, ModelConfig, SFTConfig
 
 from ..errors import RunError
 
@@ -28,26 +28,17 @@ def bf16_available() -> bool:
 
 
 @dataclass
-class PolicySFTConfig(SFTConfig):
-    """TRL's `SFTConfig` with lmcoh's defaults for LoRA on small policy models (see each field's help)."""
+class _PolicyTrainer:
+    """lmcoh's defaults for any TRL trainer of small policy models (see each field's help), and
+    the global batch they derive their per-device batch from."""
 
     global_batch_size: int = field(default=64, metadata={"help": (
-        "lmcoh: sequences per optimiser step over all processes; per_device_train_batch_size is derived as "
-        "global_batch_size / (processes x gradient_accumulation_steps), so any number of processes takes the "
-        "same steps. 0: use per_device_train_batch_size as given.")})
-    num_train_epochs: float = field(default=2.0, metadata={"help": "lmcoh: passes over each round's episodes."})
-    learning_rate: float = field(default=2e-3, metadata={"help": (
-        "lmcoh: the peak learning rate (LoRA on a small model wants far more than TRL's 2e-5).")})
-    per_device_train_batch_size: int = field(default=64, metadata={"help": (
-        "Sequences per step and device; derived from global_batch_size unless that is 0.")})
-    warmup_steps: float = field(default=0.05, metadata={"help": (
-        "lmcoh: linear warmup, in steps or (below 1) as a share of the steps.")})
-    seed: int = field(default=0, metadata={"help": "lmcoh: the run's seed; each round derives its own from it."})
+        "lmcoh: sequences (episodes, for RL) per optimiser step over all processes; per_device_train_batch_size "
+        "is derived as global_batch_size / (processes x gradient_accumulation_steps), so any number of processes "
+        "takes the same steps. 0: use per_device_train_batch_size as given.")})
+    seed: int = field(default=0, metadata={"help": "lmcoh: the run's seed; rounds and steps derive theirs from it."})
     report_to: None | str | list[str] = field(default="none", metadata={"help": (
         "Integrations to report results and logs to (tensorboard, wandb, ...); lmcoh: none.")})
-    save_strategy: SaveStrategy | str = field(default="no", metadata={"help": (
-        "lmcoh: no Trainer checkpoints (each round saves its own model).")})
-    logging_steps: float = field(default=50, metadata={"help": "Log every X update steps."})
     log_level: str = field(default="warning", metadata={"help": "lmcoh: the Trainer logs warnings and errors only.",
                                                         "choices": trainer_log_levels.keys()})
     bf16: bool | None = field(default=None, metadata={"help": (
@@ -57,28 +48,50 @@ class PolicySFTConfig(SFTConfig):
         "constraint).")})
     gradient_checkpointing: bool | None = field(default=None, metadata={"help": (
         "Deprecated alias of activation_checkpointing (TRL's default True is lmcoh's unset).")})
-    completion_only_loss: bool | None = field(default=True, metadata={"help": (
-        "lmcoh: the loss falls on the actions' tokens only (the completion mask).")})
-    max_length: int | None = field(default=None, metadata={"help": "lmcoh: never truncate an episode."})
-    optim: OptimizerNames | str = field(default="adamw_torch", metadata={"help": "The optimizer; lmcoh: torch's AdamW."})
     dataloader_pin_memory: bool = field(default=_CUDA, metadata={"help": "Pin memory (lmcoh: on a GPU only)."})
     use_cpu: bool = field(default=not _CUDA, metadata={"help": (
         "Train on the CPU (lmcoh: where there is no GPU; under torchrun: gloo data parallelism).")})
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": (
         "lmcoh: off (every trainable weight takes part in every step).")})
 
-    def __post_init__(self):
+    def _lmcoh_defaults(self, world: int) -> None:
+        """bf16 where the default is unset; the per-device batch from the global one over ``world`` processes."""
         if self.bf16 is None:
             self.bf16 = bf16_available()
-        super().__post_init__()
         if isinstance(self.global_batch_size, bool) or not isinstance(self.global_batch_size, int) \
                 or self.global_batch_size < 0:
             raise RunError(f"global_batch_size must be >= 0, got {self.global_batch_size!r}")
         if self.per_device_train_batch_size < 1:
             raise RunError(f"per_device_train_batch_size must be >= 1, got {self.per_device_train_batch_size}")
         if self.global_batch_size:
-            self.per_device_train_batch_size = per_device_batch(self.global_batch_size, self.world_size,
+            self.per_device_train_batch_size = per_device_batch(self.global_batch_size, world,
                                                                 self.gradient_accumulation_steps)
+
+
+@dataclass
+class PolicySFTConfig(_PolicyTrainer, SFTConfig):
+    """TRL's `SFTConfig` with lmcoh's defaults for LoRA on small policy models (see each field's help)."""
+
+    num_train_epochs: float = field(default=2.0, metadata={"help": "lmcoh: passes over each round's episodes."})
+    learning_rate: float = field(default=2e-3, metadata={"help": (
+        "lmcoh: the peak learning rate (LoRA on a small model wants far more than TRL's 2e-5).")})
+    per_device_train_batch_size: int = field(default=64, metadata={"help": (
+        "Sequences per step and device; derived from global_batch_size unless that is 0.")})
+    warmup_steps: float = field(default=0.05, metadata={"help": (
+        "lmcoh: linear warmup, in steps or (below 1) as a share of the steps.")})
+    save_strategy: SaveStrategy | str = field(default="no", metadata={"help": (
+        "lmcoh: no Trainer checkpoints (each round saves its own model).")})
+    logging_steps: float = field(default=50, metadata={"help": "Log every X update steps."})
+    completion_only_loss: bool | None = field(default=True, metadata={"help": (
+        "lmcoh: the loss falls on the actions' tokens only (the completion mask).")})
+    max_length: int | None = field(default=None, metadata={"help": "lmcoh: never truncate an episode."})
+    optim: OptimizerNames | str = field(default="adamw_torch", metadata={"help": "The optimizer; lmcoh: torch's AdamW."})
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = bf16_available()
+        super().__post_init__()
+        self._lmcoh_defaults(self.world_size)
 
 
 def per_device_batch(global_batch: int, processes: int, accumulation: int = 1) -> int:
@@ -90,6 +103,40 @@ def per_device_batch(global_batch: int, processes: int, accumulation: int = 1) -
         raise RunError(f"global_batch_size {global_batch} does not split evenly over {processes} process(es) "
                        f"x {accumulation} accumulation step(s)")
     return global_batch // split
+
+
+@dataclass
+class PolicyGRPOConfig(_PolicyTrainer, GRPOConfig):
+    """TRL's `GRPOConfig` with lmcoh's defaults for KL-regularised RL on small policy models: plain
+    REINFORCE on whole episodes (lmcoh.lm.rl; lmcoh.runs.klrl refuses the settings that are not)."""
+
+    num_generations: int | None = field(default=None, metadata={"help": (
+        "Episodes whose mean reward is the baseline of each (GRPO's group); lmcoh: unset, the whole batch "
+        "(every episode answers the same prompt).")})
+    beta: float = field(default=0.5, metadata={"help": (
+        "lmcoh: the KL coefficient of J_beta = E[R] - beta KL(pi || p), as k1 in the reward; TRL's KL in the loss "
+        "stays off.")})
+    learning_rate: float = field(default=1e-3, metadata={"help": "lmcoh: the peak learning rate (LoRA, small models)."})
+    max_steps: int = field(default=300, metadata={"help": "lmcoh: optimiser steps (each on freshly sampled episodes)."})
+    scale_rewards: str = field(default="none", metadata={"help": (
+        "lmcoh: none. Dividing by the rewards' std changes the fixed point (lmcoh refuses group and batch).")})
+    loss_type: str = field(default="luspo", metadata={"help": (
+        "lmcoh: luspo, the sum over each episode's actions averaged over episodes: REINFORCE, no episode "
+        "reweighted by its length (dr_grpo, a constant rescaling, is accepted too).")})
+    importance_sampling_level: str = field(default="sequence", metadata={"help": (
+        "Importance ratios per token or per sequence; on policy both give the REINFORCE gradient.")})
+    disable_dropout: bool = field(default=True, metadata={"help": (
+        "lmcoh: on (the episodes are sampled without dropout, so the gradient must be too).")})
+    logging_steps: float = field(default=10, metadata={"help": "Log every X update steps."})
+
+    def __post_init__(self):
+        import os
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # GRPOConfig derives its generation batch from these
+        self._lmcoh_defaults(world)
+        if self.num_generations is None:
+            self.num_generations = self.per_device_train_batch_size * world * self.gradient_accumulation_steps
+        super().__post_init__()
 
 
 @dataclass

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .. import faults
 from ..errors import DivergenceError
@@ -61,7 +61,6 @@ def train_sft(model, tokenizer, examples: list[tuple[list[int], list[int]]], arg
     Returns the Trainer's metrics (``train_loss``, ``train_runtime``, ...) plus ``global_step``.
     """
     import datasets
-    from transformers.trainer_callback import PrinterCallback
     from trl import SFTTrainer
 
     data = datasets.Dataset.from_dict({"input_ids": [ids for ids, _ in examples],
@@ -78,15 +77,21 @@ def train_sft(model, tokenizer, examples: list[tuple[list[int], list[int]]], arg
     trainer.add_callback(watch)
     if average_last > 0:
         trainer.add_callback(TailAverage(model, average_last))
+    route_logs(trainer, log_file)
+    result = trainer.train()
+    model.eval()
+    watch.check(result.training_loss, args)
+    return {**result.metrics, "global_step": result.global_step}
+
+
+def route_logs(trainer, log_file: str | Path | None) -> None:
+    """Keep the Trainer's log dicts off the terminal (its progress bar stays): append them to
+    ``log_file`` (JSON lines) instead, when given."""
     trainer.remove_callback(PrinterCallback)  # it prints every log dict when tqdm is off
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(_QuietProgress())   # the bar, without the log dicts it writes under it
     if log_file is not None:
         trainer.add_callback(_LogFile(log_file))
-    result = trainer.train()
-    model.eval()
-    watch.check(result.training_loss, args)
-    return {**result.metrics, "global_step": result.global_step}
 
 
 class _QuietProgress(ProgressCallback):

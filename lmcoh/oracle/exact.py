@@ -23,7 +23,9 @@ from ..tasks.task import Task
 from ..tasks.task import safe_log as _log
 
 Policy = list[np.ndarray]
-SEQUENCES = ("retrain", "temperature", "fold", "fold_ratio", "cumulative")
+SEQUENCES = ("retrain", "temperature", "fold", "fold_ratio", "cumulative")  # the paper's (Section 5)
+KLRL_SEQUENCES = ("klrl", "klrl_success")  # KL-regularised RL, beta = 1/k (lmcoh.oracle.klrl)
+ALL_SEQUENCES = SEQUENCES + KLRL_SEQUENCES
 
 
 def _scaled(logq: np.ndarray | float, alpha: float) -> np.ndarray:
@@ -115,7 +117,8 @@ def temperature_policy(task: Task, alpha: float, prior: Policy | None = None) ->
     return _condition(task, prior, soft_values(task, prior, reward_scale=alpha)[0])
 
 
-def sequence(task: Task, kind: str, steps: int, prior: Policy | None = None) -> list[Policy]:
+def sequence(task: Task, kind: str, steps: int, prior: Policy | None = None,
+             epsilon: float | None = None) -> list[Policy]:
     """Policies k = 0..steps of one optimisation-pressure sequence (Section 5), starting from
     ``prior`` (default: the task's prior; e.g. a language model's own unconditioned policy).
 
@@ -124,8 +127,14 @@ def sequence(task: Task, kind: str, steps: int, prior: Policy | None = None) -> 
     fold:        Def 5.7 as printed: r_{k+1} = r_0 + log pi^F_{k+1}
     fold_ratio:  the corrected fold, r_{k+1} = r_0 + log(pi^F_{k+1} / p) (equals retrain for any prior)
     cumulative:  Def 5.8: r_{k+1} = r_k + log pi^H_{k+1}
+    klrl, klrl_success: the optimum of E[R] - (1/k) KL(pi || p) for R = sum log max(q, epsilon)
+                 and R = success (lmcoh.oracle.klrl; epsilon defaults to klrl.EPSILON)
     """
     p = prior_policy(task) if prior is None else prior
+    if kind in KLRL_SEQUENCES:
+        from . import klrl
+
+        return [o.policy for o in klrl.optima(task, kind, steps, p, _epsilon(epsilon))]
     if kind == "retrain":
         out = [p]
         for _ in range(steps):
@@ -134,7 +143,7 @@ def sequence(task: Task, kind: str, steps: int, prior: Policy | None = None) -> 
     if kind == "temperature":
         return [p] + [temperature_policy(task, float(k), p) for k in range(1, steps + 1)]
     if kind not in ("fold", "fold_ratio", "cumulative"):
-        raise ValueError(f"unknown sequence {kind!r}; choose one of {', '.join(SEQUENCES)}")
+        raise ValueError(f"unknown sequence {kind!r}; choose one of {', '.join(ALL_SEQUENCES)}")
     out, bonus = [p], None
     logp = [_log(x) for x in p]
     for _ in range(steps):
@@ -366,8 +375,25 @@ def summary(task: Task, policy: Policy, delta: float = 1.0,
             "incoherence_finite_part": _weigh(occ, terms, True), "causal_entropy": ent}
 
 
-def summarised_sequence(task: Task, kind: str, steps: int, delta: float = 1.0):
-    """Yield ``(k, policy, summary)`` along a sequence; retrain reuses each Q for the next G."""
+def _epsilon(epsilon: float | None) -> float:
+    from . import klrl
+
+    return klrl.EPSILON if epsilon is None else epsilon
+
+
+def summarised_sequence(task: Task, kind: str, steps: int, delta: float = 1.0, epsilon: float | None = None):
+    """Yield ``(k, policy, summary)`` along a sequence; retrain reuses each Q for the next G.
+    The KL-RL sequences' summaries add ``beta``, ``objective`` (the optimal J_beta) and, where the
+    optimum depends on the history, ``histories`` (the decision states of the unrolled task)."""
+    if kind in KLRL_SEQUENCES:
+        from . import klrl
+
+        for k, o in enumerate(klrl.optima(task, kind, steps, epsilon=_epsilon(epsilon))):
+            extra = {"beta": o.beta, "objective": o.value}
+            if o.unrolled is not None:
+                extra["histories"] = int(np.sum(~o.unrolled.terminal))
+            yield k, o.policy, {**o.summary(task, delta), **extra}
+        return
     if kind != "retrain":
         for k, pi in enumerate(sequence(task, kind, steps)):
             yield k, pi, summary(task, pi, delta)
@@ -380,18 +406,32 @@ def summarised_sequence(task: Task, kind: str, steps: int, delta: float = 1.0):
 
 
 def analyse(task: Task, steps: int = 4, delta: float = 1.0, policies: bool = True,
-            kinds: tuple[str, ...] = SEQUENCES) -> dict:
-    """The `lmcoh exact --json` object: every sequence k = 0..steps with its summaries."""
+            kinds: tuple[str, ...] = ALL_SEQUENCES, epsilon: float | None = None) -> dict:
+    """The `lmcoh exact --json` object: every sequence k = 0..steps with its summaries.
+
+    ``epsilon`` (recorded) floors q in the klrl reward. A KL-RL sequence that had to be computed
+    over histories, or left out because the task unrolled by history is too big, says so in ``notes``.
+    """
+    from . import klrl
+
     result = {"task": task.name, "deterministic": task.deterministic, "delta": delta,
-              "optimal_success": optimal_success(task), "sequences": {}}
+              "epsilon": _epsilon(epsilon), "optimal_success": optimal_success(task), "sequences": {},
+              "notes": {}}
     for kind in kinds:
         entries = []
-        for k, pi, s in summarised_sequence(task, kind, steps, delta):
-            entry = {"k": k, "success": s["success"], "return": s["return"],
-                     "incoherence": s["incoherence"],
-                     "causal_entropy": s["causal_entropy"]}
-            if policies:
-                entry["policy"] = policy_table(task, pi)
-            entries.append(entry)
+        try:
+            for k, pi, s in summarised_sequence(task, kind, steps, delta, epsilon):
+                entry = {"k": k, "success": s["success"], "return": s["return"],
+                         "incoherence": s["incoherence"],
+                         "causal_entropy": s["causal_entropy"]}
+                entry.update({key: s[key] for key in ("beta", "objective") if key in s})
+                if "histories" in s:
+                    result["notes"][kind] = klrl.over_histories(s["histories"])
+                if policies:
+                    entry["policy"] = policy_table(task, pi)
+                entries.append(entry)
+        except klrl.TooManyHistories as err:
+            result["notes"][kind] = f"left out: {err}"
+            continue
         result["sequences"][kind] = entries
     return result

@@ -1,7 +1,7 @@
 """Policy specs: the one place that reads a policy named in words (``lmcoh show --policy SPEC``).
 
 ``p`` (the prior), ``retrain:K`` (G^K(p)), ``temperature:A`` (pi_alpha), ``KIND:K`` for the other
-sequences of `lmcoh.oracle.exact.SEQUENCES` (k = K), ``boltzmann`` (the coherent limit of
+sequences of `lmcoh.oracle.exact.ALL_SEQUENCES` (k = K; klrl:K and klrl_success:K at beta = 1/K), ``boltzmann`` (the coherent limit of
 Boltzmann iteration, delta = 1) or ``model:DIR`` (a language model, which the caller
 tabulates: `model_dir`). numpy only.
 """
@@ -15,8 +15,9 @@ from ..tasks.task import Task
 from . import exact
 
 _SEQUENCE_NAMES = {"retrain": "G^{k}(p)", "fold": "fold (Def 5.7), k = {k}", "fold_ratio": "fold of log(pi/p), k = {k}",
-                   "cumulative": "cumulative fold, k = {k}"}
-SPECS = ", ".join(["p", "retrain:K", "temperature:A"] + [f"{kind}:K" for kind in exact.SEQUENCES
+                   "cumulative": "cumulative fold, k = {k}", "klrl": "KL-RL, beta = 1/{k}, R = sum log q",
+                   "klrl_success": "KL-RL, beta = 1/{k}, R = success"}
+SPECS = ", ".join(["p", "retrain:K", "temperature:A"] + [f"{kind}:K" for kind in exact.ALL_SEQUENCES
                                                          if kind not in ("retrain", "temperature")]
                   + ["boltzmann"]) + " or model:DIR"
 
@@ -37,9 +38,11 @@ def exact_policy(task: Task, spec: str) -> tuple[str, exact.Policy]:
     if kind == "temperature" and colon:
         alpha = _number(spec, arg, float)
         return f"temperature alpha = {alpha:g}", exact.temperature_policy(task, alpha)
-    if kind in exact.SEQUENCES and colon:
+    if kind in exact.ALL_SEQUENCES and colon:
         k = _number(spec, arg, int)
         title = "G(p)" if (kind, k) == ("retrain", 1) else _SEQUENCE_NAMES.get(kind, f"{kind}, k = {{k}}").format(k=k)
+        if k == 0 and kind in exact.KLRL_SEQUENCES:
+            title = "p (the prior: KL-RL at k = 0)"
         return title, exact.sequence(task, kind, k)[-1]
     raise LmcohError(f"policy {spec!r}: choose one of {SPECS}")
 

@@ -37,7 +37,7 @@ def save(fig, path: Path) -> Path:
 
 
 def plot_rounds(path: Path, series: list[tuple[str, list[int], list, dict]], *, title: str,
-                ylabel: str, hlines: list[tuple[str, float]] = (), note: str = "") -> Path:
+                ylabel: str, hlines: list[tuple[str, float]] = (), note: str = "", xlabel: str = "round") -> Path:
     """One PNG: each series is (label, rounds, values, matplotlib style kwargs).
 
     Non-finite values are left out of their line; ``note`` (e.g. which rounds were infinite)
@@ -50,7 +50,7 @@ def plot_rounds(path: Path, series: list[tuple[str, list[int], list, dict]], *, 
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
     for label, y in hlines:
         ax.axhline(y, color="grey", linestyle=":", label=label)
-    ax.set_xlabel("round")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title + (f"\n{note}" if note else ""), fontsize=10)
     ax.xaxis.get_major_locator().set_params(integer=True)

@@ -1,5 +1,6 @@
-"""The temperature-versus-retraining report: comparison.json, details.json, report.md and
-its plots (success, TV, cost), with a reading computed from the numbers."""
+"""The comparison of the four pressures (retraining, temperature, KL-regularised RL with R = sum log q
+and with R = success): comparison.json, details.json, report.md and its plots (success, TV, cost,
+the policies side by side), with a reading computed from the numbers."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io import write_json, write_text
-from ..oracle import exact
+from ..oracle import exact, klrl
 from ..tasks.task import Task
 from .plots import pyplot, save
 from .tables import fmt, markdown_table
@@ -26,17 +27,23 @@ def write_outputs(out: Path, comparison: dict, details: dict, task: Task | None 
     write_json(out / "details.json", details, indent=1)
     plots = write_plots(out, comparison, details)
     if task is not None and details["K"] >= 2:
-        plots.append(k2_plot(out, task))
+        plots.append(k2_plot(out, task, details["exact"].get("epsilon", klrl.EPSILON)))
     write_text(out / "report.md", report_markdown(comparison, details, plots))
 
 
-def k2_plot(out: Path, task: Task) -> Path:
-    """policies_k2.png: the task under G^2(p) and under pi_alpha, alpha = 2, exactly; on a
-    stochastic task (the lottery) the picture shows where temperature rewards lucky transitions."""
+def k2_plot(out: Path, task: Task, epsilon: float = klrl.EPSILON) -> Path:
+    """policies_k2.png: the task under the four pressures at k = 2, exactly, side by side: G^2(p),
+    pi_alpha at alpha = 2, and the KL-RL optima at beta = 1/2 for both rewards; on a stochastic task
+    (the lottery) the picture shows where temperature rewards lucky transitions."""
     path = out / "policies_k2.png"
-    plot_policies(path, task, [("retraining: G^2(p)", exact.sequence(task, "retrain", 2)[2]),
-                               ("temperature: pi_alpha, alpha = 2", exact.temperature_policy(task, 2.0))],
-                  title=f"{task.name} at k = 2, exactly")
+    panels = [("retraining: G^2(p)", exact.sequence(task, "retrain", 2)[2]),
+              ("temperature: pi_alpha, alpha = 2", exact.temperature_policy(task, 2.0)),
+              ("KL-RL, beta = 1/2, R = sum log q", klrl.optimum(task, 0.5, "log_q", epsilon=epsilon).policy)]
+    try:
+        panels.append(("KL-RL, beta = 1/2, R = success", klrl.optimum(task, 0.5, "success").policy))
+    except klrl.TooManyHistories:
+        pass
+    plot_policies(path, task, panels, title=f"{task.name} at k = 2, exactly")
     return path
 
 
@@ -62,9 +69,17 @@ def write_plots(out: Path, comparison: dict, details: dict) -> list[Path]:
     for key, label, style in (
             ("retrain", "exact retrain G^k(p)", {"color": "C0", "linestyle": "--", "marker": "x"}),
             ("temperature", "exact temperature pi_alpha", {"color": "C1", "linestyle": "--", "marker": "x"}),
+            ("klrl", "exact KL-RL, R = sum log q", {"color": "C6", "linestyle": "--", "marker": "x"}),
+            ("klrl_success", "exact KL-RL, R = success", {"color": "C7", "linestyle": "--", "marker": "x"}),
             ("cumulative", "exact cumulative fold", {"color": "C4", "linestyle": ":", "marker": "."}),
             ("fold", "exact fold (Def 5.7 as printed)", {"color": "C5", "linestyle": ":", "marker": "."})):
-        ax.plot(ks, ex[key], label=label, **style)
+        if key in ex:
+            ax.plot(ks, ex[key], label=label, **style)
+    for kind, colour in (("klrl", "C6"), ("klrl_success", "C7")):
+        runs = [r for r in details.get("klrl_lm", []) if r["kind"] == kind]
+        if runs:
+            ax.plot([r["k"] for r in runs], [r["success"] for r in runs], "D", color=colour,
+                    label=f"LM KL-RL, R = {'sum log q' if kind == 'klrl' else 'success'}")
     for key, label, style in (
             ("lm_retrain_success", "LM retrained", {"color": "C0", "marker": "o"}),
             ("lm_rejection_success", "LM rejection sampling", {"color": "C1", "marker": "s"}),
@@ -146,6 +161,7 @@ def reading(comparison: dict, details: dict) -> list[str]:
                      "probabilities to the power k: no retraining and no conditioning on k successes"
                      + (". (With one decision and a uniform prior, G(p)^k happens to equal G^k(p).)"
                         if details["one_decision"] and details["uniform_prior"] else "."))
+    lines += _klrl_reading(rows, details)
     lines += _costs(rows, details)
     fold, ratio = details["exact"]["tv_retrain_vs_fold"], details["exact"]["tv_retrain_vs_fold_ratio"]
     if details["uniform_prior"]:
@@ -155,6 +171,31 @@ def reading(comparison: dict, details: dict) -> list[str]:
         lines.append(f"The prior is not uniform: Def 5.7 read literally counts it twice and strays from "
                      f"retraining (largest TV {fmt(max(fold))}); folding log(pi/p) instead stays with it "
                      f"(largest TV {max(ratio):.1e}).")
+    return lines
+
+
+def _klrl_reading(rows: list[dict], details: dict) -> list[str]:
+    """KL-RL against temperature and retraining, exactly and with the LM."""
+    to_t, to_r = details["exact"].get("tv_temperature_vs_klrl"), details["exact"].get("tv_retrain_vs_klrl")
+    if not to_t:
+        return []
+    floor = details["exact"].get("epsilon", 0.0)  # q = 0 counts as epsilon in KL-RL's reward: pi moves by ~epsilon^k
+    if max(to_t) <= max(TV_ZERO, floor):
+        lines = [f"Exactly, KL-RL at beta = 1/k equals temperature alpha = k at every k up to its floor on q (largest "
+                 f"TV {max(to_t):.1e}, epsilon = {floor:g}), as it must with deterministic dynamics: only the backup "
+                 "over the environment's move differs."]
+    else:
+        lines = [f"Exactly, KL-RL at beta = 1/k parts ways with temperature (largest TV {fmt(max(to_t))}) and with "
+                 f"retraining (largest TV {fmt(max(to_r))}): its backup averages the environment's move, where "
+                 "temperature's is optimistic and retraining averages success probabilities. At k = "
+                 f"{rows[-1]['k']} its success is {fmt(rows[-1]['exact_klrl_success'])}, retraining's "
+                 f"{fmt(rows[-1]['exact_retrain_success'])}, temperature's {fmt(rows[-1]['exact_temperature_success'])}."]
+    for run in details.get("klrl_lm", []):
+        lines.append(f"The LM trained by KL-RL at k = {run['k']} with R = "
+                     f"{'sum log q' if run['kind'] == 'klrl' else 'success'} ends at TV {fmt(run['tv_to_exact'])} from "
+                     f"the exact optimum (TV {fmt(run['tv_to_own_target'])} from the optimum from the prior LM it "
+                     f"regularises towards), success {fmt(run['success'])}, after {run['episodes_sampled']} episodes "
+                     f"and {run['gradient_steps']} gradient steps ({run['seconds']:.0f} s).")
     return lines
 
 
@@ -224,6 +265,7 @@ def report_markdown(comparison: dict, details: dict, plots: list[Path]) -> str:
         [[d["k"], fmt(d["retrain_tv_to_exact"]), fmt(d["rejection_tv_to_exact"]),
           fmt(d["logit_tv_to_exact_retrain"]), f"{d['accepted']} / {d['proposals']}"] for d in lm])
     ex = details["exact"]["success"]
+    pressures = four_pressures(comparison, details)
     exact_table = markdown_table(
         ["k"] + list(ex) + ["TV(retrain, fold)", "TV(retrain, fold_ratio)"],
         [[k] + [fmt(ex[kind][k]) for kind in ex]
@@ -237,6 +279,12 @@ def report_markdown(comparison: dict, details: dict, plots: list[Path]) -> str:
         "alpha = k is realised by rejection sampling from the prior LM (accept w.p. prod q^k); logit temperature "
         "divides the success-prompted prior's logits by 1/k.", "",
         "## Reading", "", *[f"- {line}" for line in reading(comparison, details)], "",
+        *([f"## Four pressures on {comparison['task']}", "",
+           "KL-RL maximises E[R] - (1/k) KL(pi || p) (recipes/kl_rl.py); its exact optimum is from the task's "
+           "prior, the LM's own run regularises towards the prior LM. Costs: episodes sampled from a model, "
+           "gradient steps, seconds (retraining: its rounds up to the model used at k; temperature: the "
+           f"proposals rejection sampling drew for {lm[0]['accepted']} accepted episodes; pretraining the prior, "
+           "common to all, is not counted).", "", pressures, ""] if pressures else []),
         "## Comparison", "", table, "",
         "## The LM against its exact targets", "", fidelity, "",
         "## Exact sequences (success)", "",
@@ -256,3 +304,28 @@ def report_markdown(comparison: dict, details: dict, plots: list[Path]) -> str:
               "counted).", "",
               "## Plots", "", *[f"![{p.stem}]({p.name})" for p in plots], ""]
     return "\n".join(parts)
+
+
+def four_pressures(comparison: dict, details: dict) -> str:
+    """The table of the four pressures at each k where the LM KL-RL ran: exact and LM success, the
+    LM's TV to its exact policy, and the costs; "" without KL-RL runs."""
+    runs = details.get("klrl_lm", [])
+    rows, lm = comparison["rows"], details["lm"]
+    out = []
+    for k in sorted({r["k"] for r in runs}):
+        row, d = rows[k], lm[k]
+        out.append([k, "retraining G^k(p)", fmt(row["exact_retrain_success"]), fmt(row["lm_retrain_success"]),
+                    fmt(d["retrain_tv_to_exact"]), row.get("retrain_episodes_sampled", "-"),
+                    row.get("retrain_gradient_steps", "-"), fmt(row["retrain_seconds"], 1)])
+        out.append([k, "temperature alpha = k", fmt(row["exact_temperature_success"]), fmt(row["lm_rejection_success"]),
+                    fmt(d["rejection_tv_to_exact"]), d["proposals"], 0,
+                    fmt(row["rejection_seconds_per_episode"] * d["accepted"], 1)])
+        for run in (r for r in runs if r["k"] == k):
+            exact_s = row["exact_klrl_success"] if run["kind"] == "klrl" else row["exact_klrl_success_success"]
+            out.append([k, f"KL-RL beta = 1/k, R = {'sum log q' if run['kind'] == 'klrl' else 'success'}",
+                        fmt(exact_s), fmt(run["success"]), fmt(run["tv_to_exact"]), run["episodes_sampled"],
+                        run["gradient_steps"], fmt(run["seconds"], 1)])
+    if not out:
+        return ""
+    return markdown_table(["k", "pressure", "exact S", "LM S", "TV(LM, exact)", "episodes sampled",
+                           "gradient steps", "seconds"], out)

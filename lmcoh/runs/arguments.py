@@ -24,8 +24,11 @@ from pathlib import Path
 from ..errors import LmcohError, RunError
 from ..lm.pretrain import DEFAULTS
 from ..lm.text import FORMATS, PROMPT_MODES
+from ..oracle import klrl
 
 MODES = ("filter", "label")
+REWARDS = tuple(klrl.REWARDS.values())  # KL-RL's R: sum of log q, or the episode's outcome
+REFERENCES = ("model", "task")  # whose prior the exact KL-RL target regularises towards
 
 
 def _help(text: str, **extra) -> dict:
@@ -33,19 +36,13 @@ def _help(text: str, **extra) -> dict:
 
 
 @dataclass
-class SelfTrainArguments:
-    """The self-training loop's own settings. The trainer's are `SFTConfig`'s (``output_dir``
-    and ``seed`` included), the model's and LoRA's `ModelConfig`'s."""
+class RunArguments:
+    """The settings every policy-training recipe shares: the task, how its episodes are written, the
+    built-in prior, how the policy is evaluated, the run directory. The trainer's settings are its
+    TRL config's (``output_dir`` and ``seed`` included), the model's and LoRA's `ModelConfig`'s."""
 
     task: str = field(default="mountain_race", metadata=_help(
         "Task: a built-in name (tasks/NAME.yaml), a task YAML path or a generator spec."))
-    rounds: int = field(default=4, metadata=_help(
-        "Training rounds K (round 0, the untrained prior, is evaluated too)."))
-    episodes_per_round: int = field(default=2000, metadata=_help(
-        "Episodes sampled per round, over all processes."))
-    mode: str = field(default="filter", metadata=_help(
-        "filter: train on the successful episodes; label: train on all, each behind its outcome token.",
-        choices=MODES))
     prompt: str = field(default="history", metadata=_help(
         "Prompt mode: history (the whole transcript) or markov (current state and step only).",
         choices=PROMPT_MODES))
@@ -59,7 +56,6 @@ class SelfTrainArguments:
         "Episodes to pretrain the built-in prior on (when model_name_or_path is empty)."))
     pretrain_epochs: float = field(default=DEFAULTS["built-in"]["epochs"], metadata=_help(
         "Epochs to pretrain the built-in prior for."))
-    delta: float = field(default=1.0, metadata=_help("Incoherence temperature delta."))
     max_histories: int = field(default=200_000, metadata=_help(
         "Tabulate exactly up to this many histories; beyond, estimate success by Monte Carlo."))
     eval_episodes: int = field(default=2000, metadata=_help(
@@ -73,15 +69,63 @@ class SelfTrainArguments:
     def __post_init__(self):
         if not self.task:
             raise RunError("task is required (a built-in name, a task YAML path or a generator spec)")
-        for name in ("episodes_per_round", "sample_batch_size", "pretrain_episodes", "max_histories",
-                     "eval_episodes"):
+        for name in ("sample_batch_size", "pretrain_episodes", "max_histories", "eval_episodes"):
             _check(name, getattr(self, name), lambda v: v >= 1, "must be >= 1")
-        _check("rounds", self.rounds, lambda v: v >= 0, "must be >= 0")
         if self.memory_limit_gb is not None:
             _check("memory_limit_gb", self.memory_limit_gb, lambda v: v > 0 and math.isfinite(v), "must be positive")
-        for name in ("pretrain_epochs", "delta"):
-            _check(name, getattr(self, name), lambda v: v > 0 and math.isfinite(v), "must be positive")
-        for name, options in (("mode", MODES), ("prompt", PROMPT_MODES), ("format", ("", *FORMATS))):
+        _check("pretrain_epochs", self.pretrain_epochs, lambda v: v > 0 and math.isfinite(v), "must be positive")
+        for name, options in (("prompt", PROMPT_MODES), ("format", ("", *FORMATS))):
+            if getattr(self, name) not in options:
+                raise RunError(f"{name} must be one of {', '.join(options)}, got {getattr(self, name)!r}")
+
+
+@dataclass
+class SelfTrainArguments(RunArguments):
+    """The self-training loop's own settings."""
+
+    rounds: int = field(default=4, metadata=_help(
+        "Training rounds K (round 0, the untrained prior, is evaluated too)."))
+    episodes_per_round: int = field(default=2000, metadata=_help(
+        "Episodes sampled per round, over all processes."))
+    mode: str = field(default="filter", metadata=_help(
+        "filter: train on the successful episodes; label: train on all, each behind its outcome token.",
+        choices=MODES))
+    delta: float = field(default=1.0, metadata=_help("Incoherence temperature delta."))
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check("episodes_per_round", self.episodes_per_round, lambda v: v >= 1, "must be >= 1")
+        _check("delta", self.delta, lambda v: v > 0 and math.isfinite(v), "must be positive")
+        _check("rounds", self.rounds, lambda v: v >= 0, "must be >= 0")
+        if self.mode not in MODES:
+            raise RunError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+
+
+@dataclass
+class KLRLArguments(RunArguments):
+    """The KL-regularised RL run's own settings; its KL coefficient is the trainer's ``beta``."""
+
+    reward: str = field(default="log_q", metadata=_help(
+        "The episode's reward R: log_q (sum of log max(q, epsilon)) or success (the sampled outcome, 1 or 0).",
+        choices=REWARDS))
+    q_floor: float = field(default=1e-3, metadata=_help(
+        "epsilon of R = sum log max(q, epsilon): a q = 0 event costs log epsilon, not -inf (named apart from "
+        "GRPOConfig's epsilon, its clipping range)."))
+    evaluate_every: int = field(default=50, metadata=_help(
+        "Tabulate the policy exactly, write an evaluation and a checkpoint every this many optimiser steps."))
+    kappa_delta: float = field(default=1.0, metadata=_help(
+        "Incoherence temperature delta (named apart from GRPOConfig's delta, its clipping bound)."))
+    reference: str = field(default="model", metadata=_help(
+        "The prior p of the exact target, the optimum of E[R] - beta KL(pi || p): model, the policy the run "
+        "starts from and regularises towards (the model with no goal, tabulated), or task, the task's prior.",
+        choices=REFERENCES))
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check("evaluate_every", self.evaluate_every, lambda v: v >= 1, "must be >= 1")
+        _check("q_floor", self.q_floor, lambda v: 0 < v < 1, "must be in (0, 1)")
+        _check("kappa_delta", self.kappa_delta, lambda v: v > 0 and math.isfinite(v), "must be positive")
+        for name, options in (("reward", REWARDS), ("reference", REFERENCES)):
             if getattr(self, name) not in options:
                 raise RunError(f"{name} must be one of {', '.join(options)}, got {getattr(self, name)!r}")
 
@@ -102,11 +146,25 @@ class TemperatureArguments(SelfTrainArguments):
         "Episodes rejection sampling must accept at each k."))
     max_proposals: int = field(default=200_000, metadata=_help(
         "Most episodes rejection sampling may draw from the prior LM at one k."))
+    klrl_k: list[int] = field(default_factory=lambda: [2], metadata=_help(
+        "The k at which KL-regularised RL (beta = 1/k, recipes/kl_rl.py) trains the prior LM, once with "
+        "R = sum log q and once with R = success."))
+    klrl_max_steps: int = field(default=300, metadata=_help(
+        "Optimiser steps of each KL-RL run; 0: no KL-RL runs (its exact columns stay)."))
+    klrl_global_batch_size: int = field(default=32, metadata=_help("Episodes per optimiser step of KL-RL."))
+    klrl_learning_rate: float = field(default=1e-3, metadata=_help("The peak learning rate of KL-RL."))
+    klrl_q_floor: float = field(default=1e-3, metadata=_help(
+        "epsilon of KL-RL's R = sum log max(q, epsilon) (exact and LM)."))
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("rejection_episodes", "max_proposals"):
+        for name in ("rejection_episodes", "max_proposals", "klrl_global_batch_size"):
             _check(name, getattr(self, name), lambda v: v >= 1, "must be >= 1")
+        _check("klrl_max_steps", self.klrl_max_steps, lambda v: v >= 0, "must be >= 0")
+        _check("klrl_learning_rate", self.klrl_learning_rate, lambda v: v > 0 and math.isfinite(v), "must be positive")
+        _check("klrl_q_floor", self.klrl_q_floor, lambda v: 0 < v < 1, "must be in (0, 1)")
+        for k in self.klrl_k:
+            _check("klrl_k", k, lambda v: 1 <= v <= self.rounds + 1, f"must list k in 1..rounds + 1 = {self.rounds + 1}")
 
 
 def _check(name: str, value, ok, what: str) -> None:
@@ -149,12 +207,12 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 
 def make_parser(script_type: type = SelfTrainArguments, prog: str | None = None, description: str = "",
-                output_dir: str = "outputs/self_train"):
-    """A `TrlParser` over (``script_type``, `PolicySFTConfig`, `PolicyModelConfig`): TRL's trainer and
-    model settings with lmcoh's defaults (lmcoh.lm.configs).
+                output_dir: str = "outputs/self_train", trainer_type: type | None = None,
+                overrides: dict[str, str] = LOOP_OVERRIDES):
+    """A `TrlParser` over (``script_type``, ``trainer_type``, `PolicyModelConfig`): TRL's trainer and
+    model settings with lmcoh's defaults (lmcoh.lm.configs; the trainer's default `PolicySFTConfig`).
 
-    ``--help`` shows ``description`` and then `LOOP_OVERRIDES`, the trainer settings the loop
-    sets in each round.
+    ``--help`` shows ``description`` and then ``overrides``, the trainer settings the loop sets itself.
     """
     from trl import TrlParser
 
@@ -175,11 +233,11 @@ def make_parser(script_type: type = SelfTrainArguments, prog: str | None = None,
                                + (f"; did you mean {close[0]!r}?" if close else ""))
             return unknown
 
-    overrides = "\n".join(f"  {name}: {how}" for name, how in LOOP_OVERRIDES.items())
-    parser = RecipeParser((script_type, PolicySFTConfig, PolicyModelConfig), prog=prog, formatter_class=_HelpFormatter,
-                          allow_abbrev=False,
-                          description=f"{description}\n\nThe loop sets these trainer settings itself, each "
-                                      f"round, whatever the config says:\n{overrides}\n\n"
+    listed = "\n".join(f"  {name}: {how}" for name, how in overrides.items())
+    parser = RecipeParser((script_type, trainer_type or PolicySFTConfig, PolicyModelConfig), prog=prog,
+                          formatter_class=_HelpFormatter, allow_abbrev=False,
+                          description=f"{description}\n\nThe loop sets these trainer settings itself, "
+                                      f"whatever the config says:\n{listed}\n\n"
                                       "Settings come from --config FILE.yaml (any field below), then flags.")
     parser.set_defaults_with_config(output_dir=output_dir)
     return parser

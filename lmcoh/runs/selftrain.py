@@ -32,10 +32,8 @@ from .. import faults, io
 from ..errors import DivergenceError, LmcohError, RunError
 from ..lm import text
 from ..oracle import exact
-from ..tasks import budget
-from ..tasks.library import load_task
 from .arguments import LOOP_OVERRIDES, SelfTrainArguments
-from .directory import RunDirectory, resolved_config
+from .run import Run
 
 
 def round_seed(seed: int, round_: int, rank: int = 0) -> int:
@@ -80,40 +78,19 @@ class _Round:
     k: int
     episodes: list = field(default_factory=list)
     kept: int = 0
+    steps: int = 0  # gradient steps
     seconds: dict = field(default_factory=lambda: {"sample": 0.0, "train": 0.0})
 
 
-class SelfTraining:
-    """One self-training run into ``sft.output_dir`` (docs/theory.md, "Goal conditioning and retraining").
-
-    Built from the recipe's (`SelfTrainArguments`, `PolicySFTConfig`, `PolicyModelConfig`), it
-    checks every input before any work: the memory limit, the task, the model (present,
-    safetensors, its tokenizer able to write the task), the output directory.
-    """
+class SelfTraining(Run):
+    """One self-training run into ``sft.output_dir`` (docs/theory.md, "Goal conditioning and retraining"),
+    built from the recipe's (`SelfTrainArguments`, `PolicySFTConfig`, `PolicyModelConfig`)."""
 
     def __init__(self, args: SelfTrainArguments, sft, model_args, state=None):
-        from accelerate import PartialState
-
-        from ..lm.loading import model_init_kwargs
-
-        self.args, self.sft, self.model_args = args, sft, model_args
-        self.state = PartialState() if state is None else state
-        budget.set_limit_gb(args.memory_limit_gb)
-        self.task = load_task(args.task)
-        self.run = RunDirectory(sft.output_dir)
-        if self.run.path.exists() and not self.run.path.is_dir():
-            raise RunError(f"output_dir {self.run.path} exists and is not a directory")
-        self.init_kwargs = model_init_kwargs(model_args)
-        self.base = model_args.model_name_or_path or str(self.run.path / "prior")
-        self.layout = self._layout(model_args.model_name_or_path)
+        super().__init__(args, sft, model_args, state)
+        self.sft = sft
         self.targets = exact.sequence(self.task, "retrain", args.rounds + 1)  # round k's target: G^(k+1)(p)
-        self.config = resolved_config(args, sft, model_args)
-        self.progress = not sft.disable_tqdm and self.state.is_main_process
         self._round: _Round | None = None
-
-    @property
-    def path(self) -> Path:
-        return self.run.path
 
     @classmethod
     def from_directory(cls, path: str | Path, state=None) -> "SelfTraining":
@@ -125,39 +102,8 @@ class SelfTraining:
             raise RunError(f"{path} holds no complete self-training round (no config.yaml or rounds/0)")
         return cls(*parse(make_parser(), ["--config", str(config), "--output_dir", str(path)]), state=state)
 
-    def _layout(self, ref: str | None) -> text.Layout:
-        """The layout the run writes episodes in; a given model is checked (its tokenizer only) to
-        write every text of the task."""
-        from ..lm.loading import model_layout, open_for_task
-
-        a = self.args
-        if not ref:
-            return model_layout({}, a.format or None, a.prompt, a.goal_text)
-        return open_for_task(ref, self.task, format=a.format or None, prompt=a.prompt, goal_text=a.goal_text,
-                             weights=False)[1]
-
-    # ---- the directory ------------------------------------------------------------------------
-    @contextmanager
-    def opened(self):
-        """Lock, check and prepare the run directory (main process; every process hears its
-        verdict). Yields the number of rounds already complete; the lock is held until the end."""
-        with self.run.opened(self.state, self.config, self.args.overwrite, header=config_header()) as done:
-            yield done
-
-    def pretrain_prior(self) -> None:
-        """The prior p when no model is given: lmcoh's built-in one, pretrained on the task's own
-        episodes into OUTPUT_DIR/prior (every process trains, the main one saves)."""
-        from ..lm.pretrain import pretrain
-
-        prior = self.run.path / "prior"
-        if self.model_args.model_name_or_path or prior.is_dir():
-            return
-        if self.state.is_main_process:
-            print(f"pretraining the built-in prior for {self.task.name} into {prior}", flush=True)
-        pretrain(self.task, prior, format=self.args.format or None, goal_text=self.args.goal_text,
-                 episodes=self.args.pretrain_episodes, epochs=self.args.pretrain_epochs, seed=self.sft.seed,
-                 progress=self.progress)
-        self.state.wait_for_everyone()
+    def header(self) -> str:
+        return config_header()
 
     # ---- a round ------------------------------------------------------------------------------
     @contextmanager
@@ -251,7 +197,7 @@ class SelfTraining:
         logs.mkdir(exist_ok=True)
         with _tensorboard_dir(args, self.run.path / "tensorboard" / f"round_{r.k}"):
             stats = train_sft(model.model, model.tokenizer, examples, args, log_file=logs / f"round_{r.k}.jsonl")
-        r.seconds["train"] = time.perf_counter() - t0
+        r.seconds["train"], r.steps = time.perf_counter() - t0, int(stats.get("global_step", 0))
         return stats
 
     def evaluate(self, model) -> dict | None:
@@ -329,7 +275,7 @@ def _metrics_line(r: _Round, m: dict, eval_seconds: float) -> dict:
         "incoherence": m["incoherence"], "incoherence_finite_part": m["incoherence_finite_part"],
         "target_incoherence": m["target_incoherence"], "token_incoherence": m["token_incoherence"],
         "sampled_success_rate": float(np.mean([ep.success for ep in r.episodes])) if r.episodes else None,
-        "episodes_sampled": len(r.episodes), "episodes_kept": r.kept,
+        "episodes_sampled": len(r.episodes), "episodes_kept": r.kept, "gradient_steps": r.steps,
         "sample_seconds": r.seconds["sample"], "train_seconds": r.seconds["train"], "eval_seconds": eval_seconds})
     return io.jsonable(line)
 

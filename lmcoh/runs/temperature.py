@@ -40,17 +40,23 @@ from typing import Callable
 import numpy as np
 
 from ..errors import RunError
-from ..oracle import exact
+from ..oracle import exact, klrl
 from ..tasks.task import Task
 from .arguments import SelfTrainArguments, TemperatureArguments
 from .selftrain import SelfTraining
 
 
 # ---- exact part (numpy only) -------------------------------------------------------------------
-def exact_comparison(task: Task, K: int) -> dict:
-    """The exact sequences k = 0..K: successes, TV retrain vs temperature (and vs each fold),
-    and the expected proposals per accepted episode of rejection sampling."""
-    seqs = {kind: exact.sequence(task, kind, K) for kind in exact.SEQUENCES}
+def exact_comparison(task: Task, K: int, epsilon: float = klrl.EPSILON) -> dict:
+    """The exact sequences k = 0..K: successes, TV retrain vs temperature (and vs each fold, and KL-RL),
+    and the expected proposals per accepted episode of rejection sampling. KL-RL with R = success is
+    left out where it needs more histories than the oracle unrolls (`klrl.TooManyHistories`)."""
+    seqs = {}
+    for kind in exact.ALL_SEQUENCES:
+        try:
+            seqs[kind] = exact.sequence(task, kind, K, epsilon=epsilon)
+        except klrl.TooManyHistories:
+            pass
     retrain = seqs["retrain"]
 
     def tv(kind: str) -> list[float]:
@@ -61,8 +67,31 @@ def exact_comparison(task: Task, K: int) -> dict:
             "tv_retrain_vs_temperature": tv("temperature"),
             "tv_retrain_vs_fold": tv("fold"),
             "tv_retrain_vs_fold_ratio": tv("fold_ratio"),
+            "tv_retrain_vs_klrl": tv("klrl"),
+            "tv_temperature_vs_klrl": [exact.tv_distance(task, t, pi) for t, pi in zip(seqs["temperature"],
+                                                                                       seqs["klrl"])],
             "acceptance_rate": [exact.acceptance_rate(task, k) for k in range(K + 1)],
-            "optimal_success": exact.optimal_success(task)}
+            "optimal_success": exact.optimal_success(task),
+            "epsilon": epsilon}
+
+
+def klrl_lm(task: Task, ex: dict, runs: dict[tuple[int, str], Path]) -> list[dict]:
+    """The KL-RL language models (recipes/kl_rl.py runs, keyed by (k, reward)) beside the exact
+    optimum at beta = 1/k from the task's prior: success, TV and costs of each run's last evaluation."""
+    from ..io import read_jsonl
+
+    out = []
+    for (k, reward), path in sorted(runs.items()):
+        last = read_jsonl(Path(path) / "metrics.jsonl")[-1]
+        kind = next(kind for kind, r in klrl.REWARDS.items() if r == reward)
+        pi = exact.policy_from_table(task, last["policy"])
+        target = ex["policies"].get(kind)
+        out.append({"k": k, "reward": reward, "kind": kind, "success": exact.success(task, pi),
+                    "tv_to_exact": exact.tv_distance(task, pi, target[k]) if target else None,
+                    "tv_to_own_target": last["tv_to_target"], "episodes_sampled": last["episodes_sampled"],
+                    "gradient_steps": last["gradient_steps"], "seconds": last["train_seconds"],
+                    "run_dir": str(path), "policy": last["policy"]})
+    return out
 
 
 # ---- rejection sampling ------------------------------------------------------------------------
@@ -177,6 +206,24 @@ def selftrain_args(cfg: TemperatureArguments) -> SelfTrainArguments:
     return SelfTrainArguments(**{f.name: getattr(cfg, f.name) for f in fields(SelfTrainArguments)})
 
 
+def klrl_args(cfg: TemperatureArguments, sft, model_args, k: int, reward: str, prior: str, out: Path) -> tuple:
+    """The (`KLRLArguments`, `PolicyGRPOConfig`, `PolicyModelConfig`) of the KL-RL run this comparison
+    makes at beta = 1/k with ``reward``: the shared settings, from the self-training run's ``prior``,
+    evaluated at its end, into ``out``."""
+    import dataclasses
+
+    from ..lm.configs import PolicyGRPOConfig
+    from .arguments import KLRLArguments, RunArguments
+
+    args = KLRLArguments(**{f.name: getattr(cfg, f.name) for f in fields(RunArguments)}, reward=reward,
+                         q_floor=cfg.klrl_q_floor, evaluate_every=cfg.klrl_max_steps, kappa_delta=cfg.delta)
+    args.overwrite = False  # the comparison's work directory resumes its runs
+    grpo = PolicyGRPOConfig(output_dir=str(out), beta=1.0 / k, max_steps=cfg.klrl_max_steps, seed=sft.seed,
+                            learning_rate=cfg.klrl_learning_rate, global_batch_size=cfg.klrl_global_batch_size,
+                            disable_tqdm=sft.disable_tqdm)
+    return args, grpo, dataclasses.replace(model_args, model_name_or_path=prior)
+
+
 @dataclass
 class Methods:
     """What the model side supplies to the comparison, for k = 0..K.
@@ -191,11 +238,13 @@ class Methods:
     retrained: Callable[[int], tuple[exact.Policy, float]]
     logit: Callable[[int], tuple[exact.Policy, float]]
     retrain_seconds: list[float]
+    retrain_episodes: list[int]  # episodes sampled, and gradient steps taken, up to the model used at k
+    retrain_steps: list[int]
 
 
 def comparison_entry(task: Task, k: int, ex: dict, rejection: "Rejection", retrained: tuple[exact.Policy, float],
                      logit: tuple[exact.Policy, float], retrain_seconds: float,
-                     pool: "ProposalPool") -> tuple[dict, dict]:
+                     pool: "ProposalPool", retrain_cost: tuple[int, int] = (0, 0)) -> tuple[dict, dict]:
     """Row k of comparison.json, and k's entry of details.json's ``lm`` list."""
     targets = ex["policies"]
     rej_pi = empirical_policy(task, rejection.episodes)
@@ -205,6 +254,9 @@ def comparison_entry(task: Task, k: int, ex: dict, rejection: "Rejection", retra
         "exact_retrain_success": ex["success"]["retrain"][k],
         "exact_temperature_success": ex["success"]["temperature"][k],
         "exact_tv_retrain_vs_temperature": ex["tv_retrain_vs_temperature"][k],
+        "exact_klrl_success": ex["success"]["klrl"][k],
+        "exact_klrl_success_success": ex["success"]["klrl_success"][k] if "klrl_success" in ex["success"] else None,
+        "exact_tv_temperature_vs_klrl": ex["tv_temperature_vs_klrl"][k],
         "lm_retrain_success": float(retrained_success),
         # the accepted episodes' action frequencies acted out in the task: their own mean
         # prod q would count the lucky transitions that acceptance selected for
@@ -213,6 +265,7 @@ def comparison_entry(task: Task, k: int, ex: dict, rejection: "Rejection", retra
         "lm_logit_temperature_success": float(logit_success),
         "rejection_samples_per_episode": rejection.samples_per_episode,
         "retrain_seconds": retrain_seconds,
+        "retrain_episodes_sampled": retrain_cost[0], "retrain_gradient_steps": retrain_cost[1],
         "rejection_seconds_per_episode": rejection.seconds_per_episode}
     detail = {
         "k": k,
@@ -226,14 +279,18 @@ def comparison_entry(task: Task, k: int, ex: dict, rejection: "Rejection", retra
                                           pool.seconds_per_proposal),
         "root": _root_policies(task, {"exact retrain": targets["retrain"][k],
                                       "exact temperature": targets["temperature"][k],
+                                      "exact KL-RL, R = sum log q": targets["klrl"][k],
                                       "LM retrained": retrained_pi, "LM rejection": rej_pi,
                                       "LM logit temperature": logit_pi})}
     return row, detail
 
 
 def comparison_objects(task: Task, K: int, ex: dict, rows: list[dict], lm: list[dict],
-                       pool: "ProposalPool") -> tuple[dict, dict]:
-    """The comparison.json object (one row per k) and the details.json object."""
+                       pool: "ProposalPool", klrl_runs: list[dict] = ()) -> tuple[dict, dict]:
+    """The comparison.json object (one row per k) and the details.json object; the KL-RL language
+    models (`klrl_lm`) fill their rows' ``lm_klrl_success`` / ``lm_klrl_success_success``."""
+    for run in klrl_runs:
+        rows[run["k"]]["lm_" + run["kind"] + "_success"] = run["success"]
     comparison = {"task": task.name, "deterministic": bool(task.deterministic), "rows": rows}
     details = {
         "task": task.name, "K": K, "optimal_success": ex["optimal_success"],
@@ -242,8 +299,10 @@ def comparison_objects(task: Task, K: int, ex: dict, rows: list[dict], lm: list[
         "exact": {"success": ex["success"], "acceptance_rate": ex["acceptance_rate"],
                   "tv_retrain_vs_temperature": ex["tv_retrain_vs_temperature"],
                   "tv_retrain_vs_fold": ex["tv_retrain_vs_fold"],
-                  "tv_retrain_vs_fold_ratio": ex["tv_retrain_vs_fold_ratio"]},
-        "lm": lm}
+                  "tv_retrain_vs_fold_ratio": ex["tv_retrain_vs_fold_ratio"],
+                  "tv_retrain_vs_klrl": ex["tv_retrain_vs_klrl"],
+                  "tv_temperature_vs_klrl": ex["tv_temperature_vs_klrl"], "epsilon": ex["epsilon"]},
+        "lm": lm, "klrl_lm": list(klrl_runs)}
     return comparison, details
 
 
@@ -276,8 +335,10 @@ def lm_methods(cfg: TemperatureArguments, run: SelfTraining, progress: bool = Tr
         return table(run.trained_model(k - 1), "success")
 
     seconds = [sum(r["sample_seconds"] + r["train_seconds"] for r in rounds[1:k]) for k in range(K + 1)]
+    episodes = [sum(r["episodes_sampled"] for r in rounds[1:k]) for k in range(K + 1)]
+    steps = [sum(r.get("gradient_steps", 0) for r in rounds[1:k]) for k in range(K + 1)]
     source = {"prior_model": run.base, "selftrain_dir": str(run.path), "prompt": layout.mode, "format": layout.format}
-    return Methods(sample, retrained, logit, seconds), K, source
+    return Methods(sample, retrained, logit, seconds, episodes, steps), K, source
 
 
 def _inverse(x: float) -> float:

@@ -22,7 +22,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from ..io import jsonable, number, read_jsonl
-from ..oracle import exact
+from ..oracle import exact, klrl
 from ..oracle.exact import Policy
 from ..tasks.task import Task, TaskError
 
@@ -758,6 +758,91 @@ def selftrain_runs(runs: list[tuple[str, str, list[dict]]]) -> dict:
         note="Round k's exact target is G^(k+1)(p) (round 0 is the prior prompted with success).")
 
 
+# ---- 9. KL-regularised RL -------------------------------------------------------------------------
+
+PRESSURES = ("retrain", "temperature", "klrl", "klrl_success")
+
+
+def _klrl_row(fam: Family, task: Task, steps: int) -> dict:
+    seqs = {kind: exact.sequence(task, kind, steps) for kind in ("retrain", "temperature", "klrl")}
+    kl = seqs["klrl"]
+    row = {"family": fam.name, "task": task.name, "dynamics": "deterministic" if task.deterministic else "stochastic"}
+    for kind in ("temperature", "retrain"):  # TV under the other policy's own visits
+        row[f"TV klrl vs {kind}"] = max(exact.tv_distance(task, seqs[kind][k], kl[k]) for k in range(1, steps + 1))
+    for kind in ("retrain", "temperature", "klrl"):
+        row[f"S {kind}"] = exact.success(task, seqs[kind][steps])
+    try:
+        top = klrl.optima(task, "klrl_success", steps)[steps]
+        row["S klrl_success"] = top.summary(task)["success"]
+        row["klrl_success"] = "per state" if top.unrolled is None else "over histories"
+    except klrl.TooManyHistories:
+        row["S klrl_success"], row["klrl_success"] = math.nan, "left out (too many histories)"
+    row["kappa klrl (finite part)"] = exact.incoherence_finite_part(task, kl[steps])
+    return row
+
+
+def _most_successful(fam: Family, mine: list[dict], steps: int) -> dict:
+    """Mean success at k = steps per pressure over the family, ranked, and whether KL-RL (log q) is
+    at least as successful as temperature and as retraining on every task."""
+    means = {kind: float(np.nanmean([r[f"S {kind}"] for r in mine])) for kind in PRESSURES
+             if any(not math.isnan(r[f"S {kind}"]) for r in mine)}
+    ranked = sorted(means, key=means.get, reverse=True)
+    best = [k for k in ranked if means[ranked[0]] - means[k] <= EQUAL_TOL]  # tied with the first
+    rest = [k for k in ranked if k not in best]
+    beats = {kind: sum(r["S klrl"] >= r[f"S {kind}"] - EQUAL_TOL for r in mine) for kind in ("temperature", "retrain")}
+    n = len(mine)
+    verdict = (HOLDS if all(b == n for b in beats.values()) else FAILS if not any(beats.values()) else CAVEAT)
+    margin = f", by {_g(means[best[0]] - means[rest[0]])} over {rest[0]}" if rest else ""
+    return _check(f"{fam.name}: KL-RL (R = sum log q) at least as successful as temperature and retraining",
+                  verdict, f"mean success at k = {steps}: " + ", ".join(f"{k} {_g(means[k])}" for k in ranked)
+                  + f"; most successful: {' = '.join(best)}{margin}; KL-RL >= temperature on "
+                  f"{beats['temperature']}/{n}, >= retraining on {beats['retrain']}/{n} tasks")
+
+
+def klrl_pressures(families: list[Family], steps: int = 5) -> dict:
+    """KL-regularised RL (beta = 1/k, lmcoh.oracle.klrl) beside temperature alpha = k and retraining G^k."""
+    rows, checks, observations = [], [], []
+    for fam in families:
+        mine = [_klrl_row(fam, task, steps) for task in fam.tasks]
+        rows += mine
+        if not mine:
+            checks.append(_check(fam.name, SKIPPED, "no task in this family"))
+            continue
+        tv_t = [r["TV klrl vs temperature"] for r in mine]
+        tv_r = [r["TV klrl vs retrain"] for r in mine]
+        if fam.deterministic:
+            checks.append(_check(f"{fam.name}: KL-RL (beta = 1/k) = temperature (alpha = k)",
+                                 HOLDS if max(tv_t) <= EQUAL_TOL else FAILS,
+                                 f"max TV {_g(max(tv_t))} over {len(mine)} tasks"))
+        else:
+            parted = sum(a > DIFFER_TOL and b > DIFFER_TOL for a, b in zip(tv_t, tv_r))
+            checks.append(_check(f"{fam.name}: KL-RL differs from both temperature and retraining",
+                                 HOLDS if parted == len(mine) else CAVEAT if parted else FAILS,
+                                 f"differs (TV > {DIFFER_TOL:g}) from both on {parted}/{len(mine)} tasks; smallest TV "
+                                 f"to temperature {_g(min(tv_t))}, to retraining {_g(min(tv_r))}"))
+        observations.append(_most_successful(fam, mine, steps))
+    incoherent = sum(r["kappa klrl (finite part)"] > COHERENT_TOL for r in rows)
+    if rows:
+        observations.append(_check(f"the KL-RL optimum is incoherent (kappa's finite part > {COHERENT_TOL:g} at "
+                                   f"k = {steps}): it maximises J_beta, and kappa measures Q^pi without the KL term",
+                                   HOLDS if incoherent else FAILS, f"incoherent on {incoherent}/{len(rows)} tasks"))
+    return _section(
+        9, "KL-regularised RL beside temperature and retraining",
+        "The optimum of E[sum log q] - (1/k) KL(pi || p) equals temperature alpha = k (and so G^k(p)) on deterministic "
+        "tasks; with stochastic dynamics its expectation backup parts ways with both temperature's optimistic backup "
+        "and retraining.",
+        ["family", "task", "dynamics", "TV klrl vs temperature", "TV klrl vs retrain", "S retrain", "S temperature",
+         "S klrl", "S klrl_success", "klrl_success", "kappa klrl (finite part)"], rows, checks,
+        note=f"TV = max over k = 1..{steps} of the visit-weighted TV, under the temperature (or retrained) policy's own "
+             f"visits, floor epsilon = {klrl.EPSILON:g} on q; equal means <= {EQUAL_TOL:g}, differs means > "
+             f"{DIFFER_TOL:g}. Successes at k = {steps}; klrl_success is R = success, computed over histories where "
+             "states are reached with different products of q. The success comparisons are observations, not the "
+             "claim.",
+        observations=observations,
+        plot={"kind": "bars", "group": "family", "series": ["TV klrl vs temperature", "TV klrl vs retrain"],
+              "measure": "max TV over k"})
+
+
 # ---- the study ------------------------------------------------------------------------------------
 
 @dataclass
@@ -844,6 +929,7 @@ def run_study(cfg: StudyConfig, progress: Callable[[str], None] | None = None) -
             sets["builtin"]["stochastic_example"], sets["builtin"]["lottery"], sets["slippery"], steps)),
         ("non-uniform prior", lambda: prior_folds(sets["nonuniform"], steps)),
         ("self-training runs", lambda: selftrain_runs(runs)),
+        ("KL-regularised RL", lambda: klrl_pressures(sets["families"], steps)),
     ]
     sections = []
     for i, (name, job) in enumerate(jobs):

@@ -84,7 +84,7 @@ def _plot_bars(ax, section: dict) -> None:
     ax.set_yscale("log")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
     ax.set_xticklabels(groups, rotation=25, ha="right", fontsize=7)
-    ax.set_ylabel("max |pi - rho| (floored at 1e-17)")
+    ax.set_ylabel(f"{spec.get('measure', 'max |pi - rho|')} (floored at 1e-17)")
 
 
 def _plot_rate(ax, section: dict) -> None:

@@ -78,7 +78,7 @@ def task_bytes(states: float, actions: float, transitions: float) -> float:
     return (TASK_BYTES + LAYER_BYTES) * elements
 
 
-def oracle_bytes(layer_elements: float, actions: float, steps: int, tables: bool) -> float:
-    """One oracle run over ``steps`` steps of every sequence (`lmcoh.oracle.exact.analyse`)."""
-    held = 5 * (steps + 1) * actions * (POLICY_BYTES + (TABLE_BYTES if tables else 0))
+def oracle_bytes(layer_elements: float, actions: float, steps: int, tables: bool, sequences: int) -> float:
+    """One oracle run over ``steps`` steps of ``sequences`` sequences (`lmcoh.oracle.exact.analyse`)."""
+    held = sequences * (steps + 1) * actions * (POLICY_BYTES + (TABLE_BYTES if tables else 0))
     return ORACLE_BYTES * layer_elements + held
