@@ -168,7 +168,7 @@ def _cmd_study(args: argparse.Namespace) -> None:
 
 
 # ---- language-model commands ---------------------------------------------------------------------
-# pretrain, evaluate, sample: each is a `_cmd_NAME(args)` here plus a parser block in
+# pretrain, evaluate, sample, card: each is a `_cmd_NAME(args)` here plus a parser block in
 # `build_parser` below; import torch / transformers / lmcoh's model modules inside the handler.
 
 def _check_goal_text(args: argparse.Namespace) -> None:
@@ -251,6 +251,30 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     print(f"{args.out}: {len(episodes)} episodes, sampled success rate {rate:.4f}", file=sys.stderr)
 
 
+def _cmd_card(args: argparse.Namespace) -> None:
+    from . import __version__
+    from .lm import card
+    from .lm.loading import load_model
+    from .report import card as card_files
+    from .tasks.library import builtin_tasks, load_task
+
+    out = card_files.check_out(args.out, args.overwrite)
+    tasks = [load_task(ref) for ref in args.tasks or builtin_tasks()]
+    loaded = load_model(args.model)
+    layout = card.layout(loaded, args.format, args.prompt, args.goal_text)
+    rows = list(card.measure(loaded, tasks, layout, report=lambda line: print(f"card: {line}", file=sys.stderr,
+                                                                             flush=True),
+                             seed=args.seed, batch_size=args.batch_size, max_histories=args.max_histories,
+                             mc_episodes=args.mc_episodes, progress=True))
+    result = jsonable({"model": args.model, "format": layout.format, "prompt": layout.mode,
+                       "goal_text": layout.goal_text, "lmcoh_version": __version__, "tasks": rows})
+    card_files.write(out, result)
+    if args.json:
+        print(dumps(result))
+    measured = sum("error" not in row for row in rows)
+    print(f"{out}/card.md: {measured} of {len(rows)} tasks measured", file=sys.stderr)
+
+
 # ---- parsing and errors --------------------------------------------------------------------------
 
 def _nonnegative_int(text: str) -> int:
@@ -272,6 +296,26 @@ def _positive_float(text: str) -> float:
     if not value > 0 or math.isinf(value):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
+
+
+def _add_layout_options(p: argparse.ArgumentParser, *, prompt: str, format: str, goal_text: str) -> None:
+    """How the model reads a task (`lmcoh.lm.text.Layout`); the arguments say each default."""
+    from .lm.text import FORMATS, PROMPT_MODES
+
+    p.add_argument("--prompt", choices=PROMPT_MODES,
+                   help=f"history: the whole transcript; markov: only the current state and step (default: {prompt})")
+    p.add_argument("--format", choices=FORMATS,
+                   help=f"compact, natural or chat (the tokenizer's chat template) (default: {format})")
+    p.add_argument("--goal-text", metavar="TEXT",
+                   help=f"state the success goal in these words instead of the <success> token (default: {goal_text})")
+
+
+def _add_tabulation_options(p: argparse.ArgumentParser) -> None:
+    """How an LM policy is tabulated: exactly over its histories, or by Monte Carlo past a size."""
+    p.add_argument("--max-histories", type=_nonnegative_int, default=200_000,
+                   help="tabulate exactly up to this many histories, else Monte Carlo (default 200000)")
+    p.add_argument("--mc-episodes", type=_positive_int, default=4000,
+                   help="episodes for the Monte Carlo estimate (default 4000)")
 
 
 def _unit_float(text: str) -> float:
@@ -363,24 +407,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--goal", choices=("success", "failure", "none"), default="success",
                        help="the goal token the prompt starts with (default success)")
         p.add_argument("--temperature", type=_positive_float, default=1.0, help="logit temperature (default 1)")
-        p.add_argument("--prompt", choices=PROMPT_MODES,
-                       help="history: the whole transcript; markov: only the current state and step "
-                            "(default: the model's own, else history)")
-        p.add_argument("--format", choices=FORMATS,
-                       help="compact, natural or chat (the tokenizer's chat template) (default: the model's own, "
-                            "else compact)")
-        p.add_argument("--goal-text", metavar="TEXT",
-                       help="state the success goal in these words instead of the <success> token "
-                            "(default: the model's own, else the token)")
+        _add_layout_options(p, prompt="the model's own, else history", format="the model's own, else compact",
+                            goal_text="the model's own, else the token")
         p.add_argument("--seed", type=_nonnegative_int, default=0, help="seed (default 0)")
         p.add_argument("--batch-size", type=_positive_int, default=256,
                        help="sequences per forward pass (default 256)")
         if name == "evaluate":
             p.add_argument("--delta", type=_positive_float, default=1.0, help="incoherence temperature (default 1)")
-            p.add_argument("--max-histories", type=_nonnegative_int, default=200_000,
-                           help="tabulate exactly up to this many histories, else Monte Carlo (default 200000)")
-            p.add_argument("--mc-episodes", type=_positive_int, default=4000,
-                           help="episodes for the Monte Carlo estimate (default 4000)")
+            _add_tabulation_options(p)
             p.add_argument("--reference", choices=("task", "model"),
                            help="whose prior p the re-training sequence G^k(p) starts from: the task's, or the "
                                 "model's own policy with no goal (default: task for a model lmcoh conditioned, "
@@ -391,6 +425,26 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("-n", type=_nonnegative_int, required=True, help="number of episodes")
             p.add_argument("--out", required=True, metavar="FILE.jsonl", help="where to write the episodes")
             p.set_defaults(handler=_cmd_sample)
+
+    p = sub.add_parser("card", help="a model's coherence, task by task: prompted with the goal against exact "
+                                    "conditioning of its own behaviour (card.json, card.md, card.png)")
+    p.add_argument("model", metavar="MODEL", help="an lmcoh or Hugging Face causal-LM directory, or a hub id "
+                                                  "in the local cache")
+    p.add_argument("--out", required=True, metavar="DIR", help="the card's directory (must not exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    p.add_argument("--tasks", nargs="+", metavar="TASK", help="tasks to measure (default: the built-in tasks)")
+    _add_layout_options(p, prompt="the model's own, else markov, under which G(p_M) exactly conditions the "
+                                  "model's own policy",
+                        format="the model's own, else chat where the tokenizer has a chat template, natural "
+                               "otherwise",
+                        goal_text="the model's own; for a model lmcoh did not condition, \"Choose so that you "
+                                  "succeed.\"")
+    p.add_argument("--seed", type=_nonnegative_int, default=0, help="seed of the Monte Carlo estimates (default 0)")
+    p.add_argument("--batch-size", type=_positive_int, default=256,
+                   help="rows per forward pass, at most (default 256; fewer where memory asks)")
+    _add_tabulation_options(p)
+    p.add_argument("--json", action="store_true", help="also print card.json")
+    p.set_defaults(handler=_cmd_card)
     return parser
 
 

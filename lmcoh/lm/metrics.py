@@ -88,20 +88,25 @@ def tv_to(task: Task, policy: exact.Policy, targets: list[exact.Policy],
     return [exact.tv_distance(task, policy, target, occ) for target in targets]
 
 
-def report(task: Task, lm, goal: str, delta: float = 1.0, reference: exact.Policy | None = None) -> dict:
+def report(task: Task, lm, goal: str, delta: float = 1.0, reference: exact.Policy | None = None,
+           reference_success: float | None = None) -> dict:
     """The `lmcoh evaluate --json` object for a tabulated LM policy (`tabulate.LMPolicy`), with
-    G^k of ``reference`` (default: the task's prior)."""
+    G^k of ``reference`` (default: the task's prior); ``success_of_retrain[k]`` is the exact
+    success of G^k of it. ``reference_success``, when given, is the reference model's own
+    success (over histories, like ``success``)."""
     pi = lm.policy
     occ = exact.occupancy(task, pi)
     state = exact.summary(task, pi, delta)
     tokens = token_incoherence(task, pi, lm.action_tokens, delta, occ)
+    targets = exact.sequence(task, "retrain", RETRAIN_STEPS, reference)
     out = {"task": task.name, "goal": goal,
            "success": float(lm.success),
            "return": state["return"],
            "incoherence": state["incoherence"],
            "incoherence_finite_part": float(state["incoherence_finite_part"]),
            "token_incoherence": {"total": tokens["total"], "by_position": tokens["by_position"]},
-           "tv_to_retrain": tv_to(task, pi, exact.sequence(task, "retrain", RETRAIN_STEPS, reference), occ),
+           "tv_to_retrain": tv_to(task, pi, targets, occ),
+           "success_of_retrain": [exact.success(task, g) for g in targets],
            "reference": "task" if reference is None else "model",
            "histories": int(lm.histories),
            "exact": bool(lm.exact)}
@@ -111,6 +116,8 @@ def report(task: Task, lm, goal: str, delta: float = 1.0, reference: exact.Polic
     out["policy"] = exact.policy_table(task, pi)
     if reference is not None:
         out["reference_policy"] = exact.policy_table(task, reference)
+    if reference_success is not None:
+        out["reference_success"] = float(reference_success)
     return out
 
 
@@ -133,10 +140,11 @@ def evaluate(loaded, task: Task, goal: str = "success", temperature: float = 1.0
                         batch_size=batch_size, mc_episodes=mc_episodes, progress=progress)
 
     lm = table(goal, temperature)
-    prior = None
     if reference == "model":
-        prior = (lm if goal == "none" and temperature == 1.0 else table("none", 1.0)).policy
-    out = report(task, lm, goal, delta, prior)
+        prior = lm if goal == "none" and temperature == 1.0 else table("none", 1.0)
+        out = report(task, lm, goal, delta, prior.policy, prior.success)
+    else:
+        out = report(task, lm, goal, delta)
     out.update({"temperature": temperature, "format": layout.format, "prompt": layout.mode,
                 "goal_text": layout.goal_text})
     return out

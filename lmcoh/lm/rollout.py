@@ -24,7 +24,8 @@ from tqdm import tqdm
 from .. import faults
 from ..tasks.episodes import Episode, _pick, episode_logq
 from ..tasks.task import Task
-from .scoring import Codec, Context, renormalise
+from . import memory
+from .scoring import Codec, first_tokens, open_context, renormalise
 from .text import Layout
 
 
@@ -44,6 +45,12 @@ def rollout(loaded, task: Task, n: int, *, goal: str = "success", seed: int = 0,
             ) -> Iterator[tuple[Episode, list[np.ndarray]]]:
     """Each episode with the action distribution pi(.|h) it was drawn from at every step."""
     codec = Codec(loaded.tokenizer, task, layout, goal) if codec is None else codec
+    footprint = memory.Footprint.of(loaded.model)
+    prompts, state, action = codec.lengths()
+    memory.check_context(footprint, max(prompts) + action, f"the longest history of {task.name}")
+    actions = int(np.diff(task.action_ptr).max(initial=1))
+    batch_size = memory.fit_rows(footprint, memory.rollout_row(footprint, prompts, state, action, actions), batch_size,
+                                 1, f"one episode of {task.name} (up to {max(prompts) + action} tokens)")
     uniforms = np.random.default_rng(seed).random((n, 2 * task.steps + 2))
     if rows is not None:
         uniforms = uniforms[rows.start:rows.stop]
@@ -66,11 +73,11 @@ def _batch(model, task: Task, codec: Codec, temperature: float, u: np.ndarray,
     for t in range(task.steps):
         if not alive:
             break
-        if ctx is None:
-            ctx = Context(model, len(alive), temperature)
-            ctx.extend([codec.prompt(states[i], actions[i]) for i in alive])
         cur = [states[i][-1] for i in alive]
         choices = codec.choices_of(cur, t)
+        if ctx is None:
+            ctx = open_context(model, [codec.prompt(states[i], actions[i]) for i in alive], temperature,
+                               then=first_tokens(choices))
         scores, branch = ctx.score([c for _, c in choices], [b for b, _ in choices])
         offset = np.cumsum([0] + [len(x) for x in scores])
         keep, survivors = [], []
@@ -92,12 +99,14 @@ def _batch(model, task: Task, codec: Codec, temperature: float, u: np.ndarray,
         alive = survivors
         if not alive:
             break
-        if codec.layout.mode == "markov":
-            ctx = None  # the next prompt shows only the new state: start a fresh context
-        else:
-            ctx = branch.take(keep)
+        # markov prompts show only the new state: the next step starts a fresh context
+        ctx = None if codec.layout.mode == "markov" else branch.take(keep)
+        del branch
+        memory.reclaim()
+        if ctx is not None:
             follows = codec.follow_of([actions[i][-1] for i in alive], [states[i][-1] for i in alive], t + 1)
-            ctx.extend([list(c) for _, c in follows], back=[b for b, _ in follows])
+            ctx.extend([list(c) for _, c in follows], back=[b for b, _ in follows],
+                       then=first_tokens(codec.choices_of([states[i][-1] for i in alive], t + 1)))
     out = []
     for i in range(n):
         prob = float(np.exp(episode_logq(task, states[i], actions[i])))

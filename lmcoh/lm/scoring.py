@@ -32,6 +32,7 @@ action and the next state.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -40,6 +41,7 @@ from transformers import DynamicCache
 
 from ..errors import DivergenceError, ModelError
 from ..tasks.task import Task
+from . import memory
 from .text import Layout, Writer, goal_prefix
 
 Chunk = tuple[int, ...]
@@ -115,6 +117,37 @@ class Codec:
                 self._follow[key] = (back, tokens)
         return [self._follow[k] for k in keys]
 
+    def lengths(self, candidates: int = 4) -> tuple[list[int], int, int]:
+        """``(prompt, state, action)``, upper estimates for sizing the work (lmcoh.lm.memory):
+        ``prompt[t]`` the tokens of the longest prompt at decision ``t`` (the history before the
+        action), ``state`` those of the longest state chunk, ``action`` of the longest action
+        (with the tokens it takes back). Only the ``candidates`` states of each step with the
+        most text, and the actions with the longest names, are tokenised."""
+        task, w = self.task, self.writer
+        names = np.fromiter(map(len, task.action_names), dtype=np.int64, count=task.n_actions)
+        written = np.concatenate([[0], np.cumsum(names + 2)])  # a state's choices, as listed
+        size = written[task.action_ptr[1:]] - written[task.action_ptr[:-1]]
+        size += np.fromiter((len(a) + len(b) for a, b in zip(task.state_names, task.state_texts)),
+                            dtype=np.int64, count=task.n_states)
+        longest_names = task.action_state[np.argsort(-names, kind="stable")[:candidates]]
+        prompt, state, action = [], 0, 0
+        markov = self.layout.mode == "markov"
+        for t, layer in enumerate(task.layers):
+            top = np.concatenate([layer.states[np.argsort(-size[layer.states], kind="stable")[:candidates]],
+                                  longest_names[np.isin(longest_names, layer.states)]])
+            top = list(dict.fromkeys(top.tolist()))
+            choices = self.choices_of(top, t)
+            action = max([action] + [back + len(c) for back, cs in choices for c in cs])
+            texts = [w.state(self.goal, s, t) for s in top]
+            self._tokenize(texts)
+            chunk = max(len(self._ids[x]) for x in texts) + 1  # + 1: a token merged across the boundary
+            state = max(state, chunk)
+            if t == 0 or markov:
+                prompt.append(max(len(self.prompt([s] * (t + 1), [])) for s in top))
+            else:
+                prompt.append(prompt[-1] + action + chunk)
+        return prompt, state, action
+
     def episode(self, states, actions) -> tuple[list[int], list[int]]:
         """A transcript's ids (as the model reads it whole) and a mask of the actions' tokens."""
         ids = self.prompt(states[:1], [])
@@ -169,6 +202,13 @@ def _boundary(left: Chunk, wholes: list[Chunk]) -> tuple[int, list[Chunk]]:
     return len(left) - cut, [whole[cut:] for whole in wholes]
 
 
+def first_tokens(choices) -> set[int]:
+    """The tokens a context must keep next-token log-probs of to score ``choices``, each a
+    ``(back, tokens)`` pair: the actions' first tokens where nothing is taken back (a take-back
+    scores them on a token run again)."""
+    return {chunk[0] for back, chunks in choices if not back for chunk in chunks}
+
+
 def _refuse(layout: Layout, text: str) -> None:
     raise ModelError(f"the {layout.format} text cannot be scored exactly with this tokenizer: its tokens for "
                      f"{text[-80:]!r} depend on more than the neighbouring chunk; use another --format")
@@ -208,7 +248,8 @@ class Context:
     Rows are right-padded; pads stay in the cache, masked out, so every query always sees at
     least one real token and positions count real tokens only. Tokens taken back (see
     `Codec`) are masked out the same way. Logits are computed only at the positions that are
-    scored (``logits_to_keep``), so a large vocabulary costs little.
+    scored (``logits_to_keep``), and of the next-token log-probs only those of the tokens that
+    may be scored next are kept, so a large vocabulary costs little.
     """
 
     def __init__(self, model, batch: int, temperature: float = 1.0):
@@ -220,7 +261,9 @@ class Context:
         self.ids = torch.zeros(batch, 0, dtype=torch.long, device=self.device)  # the token in each slot
         self.mask = torch.zeros(batch, 0, dtype=torch.long, device=self.device)
         self.length = torch.zeros(batch, dtype=torch.long, device=self.device)
-        self.next_logp: torch.Tensor | None = None  # batch x vocab, at each row's last real token
+        # at each row's last real token: log-probs of the tokens `next_ids` (None: the whole vocabulary)
+        self.next_logp: torch.Tensor | None = None
+        self.next_ids: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.length)
@@ -234,7 +277,18 @@ class Context:
                                   for layer in self.cache.layers])
         out.ids, out.mask, out.length = self.ids[rows], self.mask[rows], self.length[rows]
         out.next_logp = None if self.next_logp is None else self.next_logp[rows]
+        out.next_ids = self.next_ids
         return out
+
+    def _next(self, rows: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+        """log p(tokens[i] | row rows[i]) from the next-token log-probs kept."""
+        tokens = torch.as_tensor(tokens, device=self.device)
+        if self.next_ids is None:
+            return self.next_logp[rows, tokens]
+        col = torch.searchsorted(self.next_ids, tokens).clamp_(max=max(len(self.next_ids) - 1, 0))
+        if not len(self.next_ids) or not torch.equal(self.next_ids[col], tokens):
+            raise RuntimeError("a token scored after the context was not among the next tokens it kept")
+        return self.next_logp[rows, col]
 
     def _take_back(self, chunks: list, back) -> tuple[list, torch.Tensor]:
         """Mask out each row's last ``back[i]`` tokens and the one before them, which is put back
@@ -250,10 +304,11 @@ class Context:
         return [[again[i]] + list(c) if r else list(c) for i, (c, r) in enumerate(zip(chunks, rerun.tolist()))], rerun
 
     @torch.inference_mode()
-    def extend(self, chunks: list, targets: list[tuple[int, ...]] | None = None, back=None
+    def extend(self, chunks: list, targets: list[tuple[int, ...]] | None = None, back=None, then=None
                ) -> np.ndarray | None:
         """Append ``chunks[i]`` (non-empty) to row i, after taking back its last ``back[i]``
-        tokens (none without ``back``); update the cache and next-token log-probs.
+        tokens (none without ``back``); update the cache and next-token log-probs, of the tokens
+        ``then`` only (the first tokens of what may be scored next; None: of every token).
 
         With ``targets``, also return log p(targets[i] | row i's context after the take-back),
         where ``targets[i][:-1]`` is a prefix of ``chunks[i]``: each target token is scored on the
@@ -280,20 +335,28 @@ class Context:
         out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos,
                          cache=self.cache, use_cache=True, logits_to_keep=keep)
         logits = out.logits if out.logits.dim() == 2 else out.logits[keep]
-        logp = torch.log_softmax(logits.float() / self.temperature, dim=-1)
-        flat = (torch.cumsum(keep.flatten(), 0) - 1).view(keep.shape)  # row of `logp` per position
+        logits = logits.float()
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        norm = torch.logsumexp(logits, dim=-1)  # log p(token) = logit - norm: no vocabulary-wide copy kept
+        flat = (torch.cumsum(keep.flatten(), 0) - 1).view(keep.shape)  # row of `logits` per position
         result = None
         if targets is not None:
             total = torch.zeros(len(chunks), dtype=torch.float64, device=self.device)
             cached = (~rerun).nonzero(as_tuple=True)[0]
             if len(cached):
-                first = torch.as_tensor([targets[i][0] for i in cached.tolist()], device=self.device)
-                total[cached] = self.next_logp[cached, first].double()
+                total[cached] = self._next(cached, [targets[i][0] for i in cached.tolist()]).double()
             r, c = scored.nonzero(as_tuple=True)
-            picked = logp[flat[r, c], tgt[r, c]].double()
+            at = flat[r, c]
+            picked = (logits[at, tgt[r, c]] - norm[at]).double()
             result = total.index_add(0, r, picked).cpu().numpy()
         self.cache = out.cache
-        self.next_logp = logp[flat[last]]
+        at = flat[last]
+        if then is None:
+            self.next_ids, self.next_logp = None, logits[at] - norm[at, None]
+        else:
+            self.next_ids = torch.as_tensor(sorted(set(then)), dtype=torch.long, device=self.device)
+            self.next_logp = logits[at[:, None], self.next_ids] - norm[at, None]
         self.length = self.length + n
         return result
 
@@ -305,9 +368,25 @@ class Context:
         rows = np.repeat(np.arange(len(candidates)), counts)
         flat = [list(c) for cands in candidates for c in cands]
         branch = self.take(rows)
-        out = branch.extend(flat, targets=flat, back=None if back is None else np.repeat(back, counts))
+        out = branch.extend(flat, targets=flat, back=None if back is None else np.repeat(back, counts), then=())
         bounds = np.cumsum([0] + counts)
         return [out[a:b] for a, b in zip(bounds[:-1], bounds[1:])], branch
+
+
+def open_context(model, prompts: list[list[int]], temperature: float = 1.0, then=None) -> Context:
+    """A `Context` of ``prompts`` (``then`` as in `Context.extend`), their longest common prefix
+    (a chat template's system turn, the task's header) run once for all rows."""
+    common = len(os.path.commonprefix(prompts)) if len(prompts) > 1 else 0
+    common = min(common, min(map(len, prompts)) - 1)  # every row runs its last token
+    if common <= 0:
+        ctx = Context(model, len(prompts), temperature)
+        ctx.extend(prompts, then=then)
+        return ctx
+    head = Context(model, 1, temperature)
+    head.extend([prompts[0][:common]], then=())
+    ctx = head.take(np.zeros(len(prompts), dtype=np.int64))
+    ctx.extend([p[common:] for p in prompts], then=then)
+    return ctx
 
 
 def _pad(chunks: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -342,10 +421,19 @@ def score_contexts(model, contexts: list[list[int]], candidates: list[list[tuple
                    back: list[int], temperature: float = 1.0, batch_size: int = 256) -> list[np.ndarray]:
     """Renormalised log pi(a | context) for each context's candidates (after taking back
     ``back[i]`` tokens of context i), ``batch_size`` at a time."""
+    if not contexts:
+        return []
+    footprint = memory.Footprint.of(model)
+    prompt = max(map(len, contexts))
+    action = max(b + len(c) for b, cands in zip(back, candidates) for c in cands)
+    actions = max(map(len, candidates))
+    memory.check_context(footprint, prompt + action, "a prompt and its action")
+    batch_size = memory.fit_rows(footprint, memory.scoring_row(footprint, prompt, actions, action), batch_size, 1,
+                                 f"one prompt of {prompt} tokens and its {actions} actions")
     out = []
     for lo in range(0, len(contexts), batch_size):
-        ctx = Context(model, len(contexts[lo:lo + batch_size]), temperature)
-        ctx.extend(contexts[lo:lo + batch_size])
+        ctx = open_context(model, contexts[lo:lo + batch_size], temperature,
+                           then=first_tokens(zip(back[lo:lo + batch_size], candidates[lo:lo + batch_size])))
         out.extend(renormalise(x) for x in ctx.score(candidates[lo:lo + batch_size], back[lo:lo + batch_size])[0])
     return out
 

@@ -15,12 +15,14 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from tqdm import tqdm
 
 from .. import faults
 from ..oracle import exact
 from ..tasks.task import Task, _ranges
 from .rollout import rollout
-from .scoring import ActionTokens, Codec, Context, check_finite, score_contexts
+from . import memory
+from .scoring import ActionTokens, Codec, Context, check_finite, first_tokens, open_context, score_contexts
 from .text import Layout
 
 @dataclass
@@ -71,17 +73,17 @@ def tabulate(loaded, task: Task, goal: str = "success", temperature: float = 1.0
     if n > max_histories:
         return _monte_carlo(loaded, task, goal, temperature, layout, n, mc_episodes, seed,
                             batch_size, progress, codec)
-    return _tabulate_histories(loaded.model, task, codec, temperature, batch_size, n)
+    return _tabulate_histories(loaded.model, task, codec, temperature, batch_size, n, progress)
 
 
 def _tabulate_markov(model, task, codec, temperature, batch_size) -> LMPolicy:
-    policy = []
-    for t, layer in enumerate(task.layers):
-        contexts = [codec.prompt([int(s)] * (t + 1), []) for s in layer.states]
-        choices = codec.choices_of(layer.states, t)
-        logp = score_contexts(model, contexts, [c for _, c in choices], [b for b, _ in choices],
-                              temperature, batch_size)
-        policy.append(np.exp(np.concatenate(logp)))
+    contexts, choices = [], []
+    for t, layer in enumerate(task.layers):  # every (step, state) at once: their common header runs once
+        contexts += [codec.prompt([int(s)] * (t + 1), []) for s in layer.states]
+        choices += codec.choices_of(layer.states, t)
+    logp = score_contexts(model, contexts, [c for _, c in choices], [b for b, _ in choices], temperature, batch_size)
+    bounds = np.cumsum([0] + [len(layer.states) for layer in task.layers])
+    policy = [np.exp(np.concatenate(logp[lo:hi])) for lo, hi in zip(bounds[:-1], bounds[1:])]
     occ = exact.occupancy(task, policy)
     return LMPolicy(policy, occ, sum(len(layer.states) for layer in task.layers), True,
                     exact.success(task, policy), 0.0, codec.action_tokens,
@@ -89,16 +91,17 @@ def _tabulate_markov(model, task, codec, temperature, batch_size) -> LMPolicy:
 
 
 class _Tabulation:
-    """Depth-first walk over the history tree, a block of at most ``batch_size`` histories at a
-    time, each block carrying its KV cache. Expanding a block costs one forward per group of
-    children: every (history, action, next state) row appends the action chunk and the next
-    state's chunk to its parent's cache, and the same forward scores the action. So every token
-    of every history is run once, and all histories of one step go through in large batches.
+    """Depth-first walk over the history tree, each block of histories carrying its KV cache.
+    Expanding a block costs one forward per group of its histories: every (history, action,
+    next state) row appends the action chunk and the next state's chunk to its parent's cache,
+    and the same forward scores the action. A group holds whole histories in at most ``rows``
+    rows, so its actions renormalise at once and its children are walked before the next group
+    runs: one block stays open per depth. Every token of every history is run once.
     """
 
-    def __init__(self, model, task: Task, codec: Codec, temperature: float, batch_size: int):
+    def __init__(self, model, task: Task, codec: Codec, temperature: float, rows: int, bar):
         self.model, self.task, self.codec = model, task, codec
-        self.temperature, self.batch_size = temperature, batch_size
+        self.temperature, self.rows, self.bar = temperature, rows, bar
         self.mass = [np.zeros(len(layer.actions)) for layer in task.layers]
         self.visits = [np.zeros(len(layer.states)) for layer in task.layers]
         self.where = []
@@ -114,16 +117,17 @@ class _Tabulation:
         ends = task.terminal[start]
         self.success += float(np.sum(task.start_prob[start[ends]] * np.exp(task.terminal_logq[start[ends]])))
         start = start[~ends]
-        for lo in range(0, len(start), self.batch_size):
-            s = start[lo:lo + self.batch_size]
-            ctx = Context(self.model, len(s), self.temperature)
-            ctx.extend([self.codec.prompt([int(x)], []) for x in s])
+        for lo in range(0, len(start), self.rows):
+            s = start[lo:lo + self.rows]
+            ctx = open_context(self.model, [self.codec.prompt([int(x)], []) for x in s], self.temperature,
+                               then=first_tokens(self.codec.choices_of(s, 0)))
             self._expand(0, ctx, s, np.log(task.start_prob[s]), np.zeros(len(s)))
             faults.point("evaluate")
 
     def _expand(self, t: int, ctx: Context, cur: np.ndarray, logw: np.ndarray, logq: np.ndarray) -> None:
         task, layer = self.task, self.task.layers[t]
-        # (history, action) pairs, then one row per live next state (or one scoring-only row)
+        # (history, action) pairs, then one row per live next state (or one scoring-only row),
+        # ordered by pair so that each history's rows are contiguous
         lo_a, hi_a = task.action_ptr[cur], task.action_ptr[cur + 1]
         pair_row = np.repeat(np.arange(len(cur)), hi_a - lo_a)
         pair_act = _ranges(lo_a, hi_a)
@@ -137,58 +141,67 @@ class _Tabulation:
         # A scoring-only row need not run its action's last token: its log-prob is read off the
         # logits of the token before.
         row_pair = np.concatenate([tr_pair[live], np.flatnonzero(lonely)])
-        row_next = np.concatenate([nxt[live], np.full(int(lonely.sum()), -1)])
-        row_tau = np.concatenate([task.trans_prob[tr[live]], np.ones(int(lonely.sum()))])
+        order = np.argsort(row_pair, kind="stable")
+        row_pair = row_pair[order]
+        row_next = np.concatenate([nxt[live], np.full(int(lonely.sum()), -1)])[order]
+        row_tau = np.concatenate([task.trans_prob[tr[live]], np.ones(int(lonely.sum()))])[order]
         # every action as the model reads it after its state (taking back `back` tokens of the state),
         # then the next state's tokens after the action (taking back `follow` tokens of the action)
         choices = self.codec.choices_of(cur, t)
         pair_back = np.repeat([b for b, _ in choices], hi_a - lo_a)
         action_ids = [chunk for _, chunks in choices for chunk in chunks]
-        pair_logp = np.zeros(len(pair_act))
-        groups = []
-        for g in range(0, len(row_pair), self.batch_size):
-            pairs, nexts = row_pair[g:g + self.batch_size], row_next[g:g + self.batch_size]
-            live_rows = np.flatnonzero(nexts >= 0)
-            follows = dict(zip(live_rows.tolist(), self.codec.follow_of(pair_act[pairs[live_rows]], nexts[live_rows],
-                                                                        t + 1)))
+        pair_start = np.concatenate([[0], np.cumsum(hi_a - lo_a)])
+        row_start = np.searchsorted(row_pair, pair_start)  # history h's rows: row_start[h]:row_start[h + 1]
+        # episodes that end here: a terminal, or out of decisions
+        end = ~live
+        end_logq = np.where(task.terminal[nxt[end]], task.terminal_logq[nxt[end]], task.timeout_logq)
+        with np.errstate(divide="ignore"):
+            end_logw = np.log(task.trans_prob[tr[end]]) + end_logq
+        h0 = 0
+        while h0 < len(cur):  # a group: as many whole histories as fit in `rows` rows
+            h1 = max(h0 + 1, int(np.searchsorted(row_start, row_start[h0] + self.rows, side="right")) - 1)
+            rows = slice(row_start[h0], row_start[h1])
+            rp, rn, tau = row_pair[rows], row_next[rows], row_tau[rows]
+            live_rows = np.flatnonzero(rn >= 0)
+            follows = dict(zip(live_rows.tolist(), self.codec.follow_of(pair_act[rp[live_rows]], rn[live_rows], t + 1)))
             chunks = []
-            for i, p in enumerate(pairs):
+            for i, p in enumerate(rp):
                 ids = action_ids[p]
                 if i in follows:
                     back, state = follows[i]
                     chunks.append(list(ids[:len(ids) - back]) + list(state))
                 else:
                     chunks.append(list(ids[:-1] or ids))
-            child = ctx.take(pair_row[pairs])
-            pair_logp[pairs] = child.extend(chunks, targets=[action_ids[p] for p in pairs], back=pair_back[pairs])
-            groups.append((child, pairs, nexts, row_tau[g:g + self.batch_size]))
-        check_finite(pair_logp)
-        # renormalise over each history's actions; aggregate by visit weight
-        starts = np.concatenate([[0], np.cumsum(hi_a - lo_a)])
-        top = np.maximum.reduceat(pair_logp, starts[:-1])
-        norm = np.log(np.add.reduceat(np.exp(pair_logp - top[pair_row]), starts[:-1])) + top
-        logpi = pair_logp - norm[pair_row]
-        w = np.exp(logw)
-        idx = self.where[t][cur]
-        np.add.at(self.visits[t], idx, w)
-        slot = layer.start[idx][pair_row] + (pair_act - lo_a[pair_row])
-        np.add.at(self.mass[t], slot, w[pair_row] * np.exp(logpi))
-        # episodes that end here: a terminal, or out of decisions
-        pair_logw = logw[pair_row] + logpi
-        pair_logq = logq[pair_row] + task.action_logq[pair_act]
-        end = ~live
-        end_logq = np.where(task.terminal[nxt[end]], task.terminal_logq[nxt[end]], task.timeout_logq)
-        with np.errstate(divide="ignore"):
-            self.success += float(np.sum(np.exp(pair_logw[tr_pair[end]] + np.log(task.trans_prob[tr[end]])
-                                                + pair_logq[tr_pair[end]] + end_logq)))
-        # the children, group by group (depth first)
-        for child, pairs, nexts, tau in groups:
-            keep = np.flatnonzero(nexts >= 0)
-            if len(keep) == 0:
-                continue
-            p = pairs[keep]
-            self._expand(t + 1, child.take(keep) if len(keep) < len(child) else child, nexts[keep],
-                         pair_logw[p] + np.log(tau[keep]), pair_logq[p])
+            child = ctx.take(pair_row[rp])
+            then = first_tokens(self.codec.choices_of(rn[live_rows], t + 1)) if len(live_rows) else ()
+            row_logp = child.extend(chunks, targets=[action_ids[p] for p in rp], back=pair_back[rp], then=then)
+            # renormalise over each history's actions; aggregate by visit weight
+            pairs = slice(pair_start[h0], pair_start[h1])
+            logp = np.zeros(pair_start[h1] - pair_start[h0])
+            logp[rp - pair_start[h0]] = row_logp
+            check_finite(logp)
+            hist = pair_row[pairs]
+            starts = pair_start[h0:h1] - pair_start[h0]
+            top = np.maximum.reduceat(logp, starts)
+            logpi = logp - (np.log(np.add.reduceat(np.exp(logp - top[hist - h0]), starts)) + top)[hist - h0]
+            np.add.at(self.visits[t], self.where[t][cur[h0:h1]], np.exp(logw[h0:h1]))
+            slot = layer.start[self.where[t][cur[hist]]] + (pair_act[pairs] - lo_a[hist])
+            np.add.at(self.mass[t], slot, np.exp(logw[hist] + logpi))
+            pair_logw = logw[hist] + logpi
+            pair_logq = logq[hist] + task.action_logq[pair_act[pairs]]
+            ended = (tr_pair[end] >= pair_start[h0]) & (tr_pair[end] < pair_start[h1])
+            at = tr_pair[end][ended] - pair_start[h0]
+            self.success += float(np.sum(np.exp(pair_logw[at] + pair_logq[at] + end_logw[ended])))
+            if self.bar is not None:
+                self.bar.update(h1 - h0)
+            # the children, depth first
+            if len(live_rows):
+                child = child.take(live_rows) if len(live_rows) < len(child) else child
+                p = rp[live_rows] - pair_start[h0]
+                self._expand(t + 1, child, rn[live_rows], pair_logw[p] + np.log(tau[live_rows]), pair_logq[p])
+            del child
+            memory.reclaim()
+            h0 = h1
 
     def result(self, n_histories: int) -> LMPolicy:
         policy = []
@@ -201,9 +214,20 @@ class _Tabulation:
                         [np.zeros_like(p) for p in policy])
 
 
-def _tabulate_histories(model, task, codec, temperature, batch_size, n_histories) -> LMPolicy:
-    walk = _Tabulation(model, task, codec, temperature, batch_size)
-    walk.run()
+def _tabulate_histories(model, task, codec, temperature, batch_size, n_histories, progress) -> LMPolicy:
+    footprint = memory.Footprint.of(model)
+    prompts, state, action = codec.lengths()
+    memory.check_context(footprint, prompts[-1] + action, f"the longest history of {task.name}")
+    # the rows of one history: one per (action, next state), at least one per action
+    per_action = np.maximum(np.diff(task.trans_ptr), 1)
+    written = np.concatenate([[0], np.cumsum(per_action)])
+    least = int((written[task.action_ptr[1:]] - written[task.action_ptr[:-1]]).max(initial=1))
+    rows = memory.fit_rows(footprint, memory.tabulation_row(footprint, prompts, state, action), max(batch_size, least),
+                           least, f"one history of {task.name} ({least} rows of up to {prompts[-1] + action} tokens)")
+    with tqdm(total=n_histories, unit="history", disable=not progress, desc=f"tabulating {task.name}",
+              leave=False) as bar:
+        walk = _Tabulation(model, task, codec, temperature, rows, bar)
+        walk.run()
     return walk.result(n_histories)
 
 
