@@ -72,6 +72,14 @@ def tiny_gpt2(task, seed=0, vocab_size=300):
     return LoadedModel(model, tokenizer)
 
 
+@pytest.fixture
+def umask_002():
+    """The umask 002 for one test (a group-writable setup, unlike the usual 022 or mkdtemp's 077)."""
+    old = os.umask(0o002)
+    yield
+    os.umask(old)
+
+
 # ---- expensive models, built once per test run -------------------------------------------------
 def shared_model(tmp_path_factory, key: str, build) -> str:
     """The directory ``build(path)`` writes, built once per test run and shared by the xdist
