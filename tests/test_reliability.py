@@ -65,7 +65,7 @@ def test_a_huge_horizon_over_a_cycle_is_refused_at_once_in_little_memory(tmp_pat
     assert rc == "2" and float(seconds) < 5 and int(grown_kb) < 1_000_000
     err = out.stderr.strip()
     assert "\n" not in err and "task 'huge' over its horizon of 1000000000 steps needs about" in err
-    assert "over the memory limit" in err and "--memory-limit" in err
+    assert "over the memory limit" in err and "--memory_limit_gb" in err
 
 
 def test_a_horizon_longer_than_any_path_costs_nothing(tmp_path, capsys):
@@ -84,12 +84,14 @@ def test_generator_specs_past_the_limit_are_refused_before_building(spec, capsys
     t0 = time.perf_counter()
     assert cli(["exact", spec]) == 2
     err = one_line(capsys)
-    assert time.perf_counter() - t0 < 2 and "states) needs about" in err and "--memory-limit GB" in err
+    assert time.perf_counter() - t0 < 2 and "states) needs about" in err and "--memory_limit_gb GB" in err
 
 
 def test_the_limit_is_a_flag_and_an_environment_variable(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(budget.ENV, "8")  # restored when the test ends: the flag sets it for the process
-    assert cli(["--memory-limit", "0.00001", "exact", "random-tree:T=4,A=3"]) == 2
+    assert cli(["--memory-limit", "0.00001", "exact", "random-tree:T=4,A=3"]) == 2  # the old spelling still works
+    assert "over the memory limit of 10.5 KB" in one_line(capsys)
+    assert cli(["exact", "random-tree:T=4,A=3", "--memory_limit_gb", "0.00001"]) == 2  # after the command too
     assert "over the memory limit of 10.5 KB" in one_line(capsys)
     monkeypatch.setenv(budget.ENV, "0.00001")
     with pytest.raises(BudgetError, match="over the memory limit"):
@@ -276,7 +278,7 @@ def test_a_recipe_refuses_a_hostile_config_in_one_line(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "recipes" / "self_train.py"), "--config", str(config),
                           "--output_dir", str(tmp_path / "out")],
                          capture_output=True, text=True, cwd=ROOT, env=recipe_env())
-    assert run.returncode == 1 and not (tmp_path / "out").exists()
+    assert run.returncode == 2 and not (tmp_path / "out").exists()
     assert run.stderr.strip() == "self_train: error: rounds must be a single value, not a list"
 
 
