@@ -41,12 +41,14 @@ def test_config_file_then_flags(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--rounds", "x"], "argument --rounds: invalid int value: 'x'"),
     (["--rounds", "-1"], "rounds must be >= 0, got -1"),
-    (["--mode", "best"], "argument --mode: invalid choice: 'best'"),
-    (["--prompt", "full"], "argument --prompt: invalid choice: 'full'"),
+    (["--mode", "best"], "argument --mode: invalid choice 'best' (choose from filter, label) (see --help)"),
+    (["--mode", "labels"], "argument --mode: invalid choice 'labels' (choose from filter, label); did you mean label?"),
+    (["--prompt", "full"], "argument --prompt: invalid choice 'full' (choose from history, markov) (see --help)"),
     (["--episodes_per_round", "0"], "episodes_per_round must be >= 1, got 0"),
     (["--delta", "0"], "delta must be positive, got 0.0"),
     (["--learning_rat", "1"], "unknown flag --learning_rat; did you mean --learning_rate?"),
-    (["--lr_scheduler_type", "wavy"], "invalid choice: 'wavy' (choose from 'linear', 'cosine'"),
+    (["--lr_scheduler_type", "wavy"], "invalid choice 'wavy' (choose from linear, cosine"),
+    (["--learning-rate", "x"], "argument --learning_rate: invalid float value: 'x' (see --help)"),
 ])
 def test_bad_flags_fail_in_one_line(argv, message):
     with pytest.raises(RunError) as err:
@@ -369,5 +371,28 @@ def test_format_and_goal_text_flags():
     args, _, _ = recipe_args("--format", "natural", "--goal_text", "Reach the gold.")
     assert args.format == "natural" and args.goal_text == "Reach the gold."
     assert recipe_args()[0].format == "" and recipe_args()[0].goal_text is None  # the model's own
-    with pytest.raises(RunError, match="argument --format: invalid choice: 'prose'"):
+    with pytest.raises(RunError, match="argument --format: invalid choice 'prose'"):
         recipe_args("--format", "prose")
+
+
+def test_round_metrics_reach_every_integration_as_one_run_with_a_step_per_round(tmp_path):
+    """--report_to tensorboard: the run's own numbers, one step per round, in one TensorBoard run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lmcoh.runs.selftrain import Integrations
+
+    _, sft, _ = recipe_args("--report_to", "tensorboard", "--output_dir", tmp_path / "run")
+    logs = Integrations(sft, tmp_path / "tb")
+    for k, success in enumerate([0.625, 0.85, 0.875]):
+        logs.log(k, {"round": k, "success": success, "target_success": 0.85, "tv_to_target": 0.01 * k,
+                     "incoherence": "inf", "incoherence_finite_part": 0.25 * k, "success_ci": None})
+    logs.close()
+    (event_file,) = (tmp_path / "tb").iterdir()
+    scalars = EventAccumulator(str(event_file)).Reload()
+    assert [(e.step, e.value) for e in scalars.Scalars("eval/success")] == [(0, 0.625), (1, pytest.approx(0.85)),
+                                                                             (2, 0.875)]
+    assert [e.value for e in scalars.Scalars("eval/incoherence_finite_part")] == [0.0, 0.25, 0.5]
+    assert set(scalars.Tags()["scalars"]) == {"eval/success", "eval/target_success", "eval/tv_to_target",
+                                              "eval/incoherence_finite_part"}  # inf and None left out
+    _, quiet, _ = recipe_args("--output_dir", tmp_path / "run")
+    assert Integrations(quiet, tmp_path / "none").callbacks == [] and not (tmp_path / "none").exists()

@@ -118,16 +118,20 @@ def test_the_divergence_rule_catches_finite_blow_ups(mountain):
     (["--lr_scheduler_type", "polynomial", "--num_train_epochs", "1", "--warmup_steps", "0"], 32, None),
     (["--lr_scheduler_type", "polynomial"], 64, None),  # 2 steps, 1 of warmup
     (["--dataloader_drop_last", "true"], 64, None),
+    (["--max_length", "12"], 8, "max_length 12 would cut episodes of up to 14 tokens; lmcoh trains on whole"),
+    (["--max_length", "14"], 8, None),
 ])
 def test_settings_a_round_cannot_train_are_one_line(flags, n, message):
-    """What transformers finds only mid-run (an empty dataloader, a division by zero) is found first."""
+    """What TRL or transformers find only mid-run (an empty dataset or dataloader, a division by zero)
+    is found first."""
     from conftest import recipe_args
     from lmcoh.errors import ModelError
-    from lmcoh.lm.training import check_steps
+    from lmcoh.lm.training import check_examples
 
     _, sft, _ = recipe_args(*flags)
+    examples = [([1] * (10 + i % 5), [0] * 5 + [1] * (5 + i % 5)) for i in range(n)]
     if message is None:
-        check_steps(sft, n)
+        check_examples(sft, examples)
     else:
         with pytest.raises(ModelError, match=message):
-            check_steps(sft, n)
+            check_examples(sft, examples)

@@ -10,6 +10,7 @@ and for ``lmcoh pretrain``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -70,6 +71,9 @@ class PolicySFTConfig(SFTConfig):
     def __post_init__(self):
         if self.bf16 is None:
             self.bf16 = bf16_available()
+        if self.ddp_backend and int(os.environ.get("WORLD_SIZE", "1")) == 1:  # transformers fails obscurely here
+            raise RunError(f"ddp_backend {self.ddp_backend} is for a launch of several processes (torchrun, "
+                           "accelerate launch); this is one process")
         super().__post_init__()
         if isinstance(self.global_batch_size, bool) or not isinstance(self.global_batch_size, int) \
                 or self.global_batch_size < 0:

@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from .. import faults
-from ..errors import DivergenceError, ModelError
+from ..errors import DivergenceError, ModelError, first_line
 from ..io import dumps
 
 
@@ -64,7 +64,7 @@ def train_sft(model, tokenizer, examples: list[tuple[list[int], list[int]]], arg
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTTrainer
 
-    check_steps(args, len(examples))
+    check_examples(args, examples)
     data = datasets.Dataset.from_dict({"input_ids": [ids for ids, _ in examples],
                                        "completion_mask": [mask for _, mask in examples]})
     expose_head_bias(model)
@@ -72,6 +72,8 @@ def train_sft(model, tokenizer, examples: list[tuple[list[int], list[int]]], arg
     datasets.disable_progress_bars()
     try:
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    except ValueError as err:  # TRL's checks of the settings against this model (router_aux_loss_coef, pad_token, ...)
+        raise ModelError(f"the trainer refuses these settings for this model: {first_line(err)}") from None
     finally:
         if was_on:
             datasets.enable_progress_bars()
@@ -90,10 +92,17 @@ def train_sft(model, tokenizer, examples: list[tuple[list[int], list[int]]], arg
     return {**result.metrics, "global_step": result.global_step}
 
 
-def check_steps(args, n: int) -> None:
-    """`ModelError` for trainer settings that cannot train on ``n`` examples, which transformers
-    would find only mid-run: no batch at all under ``dataloader_drop_last``, or a polynomial
-    schedule whose warmup takes every optimiser step (it divides by the steps left)."""
+def check_examples(args, examples: list[tuple[list[int], list[int]]]) -> None:
+    """`ModelError` for trainer settings that cannot train on ``examples``, which TRL or
+    transformers would find only mid-run: a ``max_length`` that cuts episodes (an episode is
+    trained whole, and TRL drops what is left without an action), no batch at all under
+    ``dataloader_drop_last``, or a polynomial schedule whose warmup takes every optimiser step
+    (it divides by the steps left)."""
+    longest = max(len(ids) for ids, _ in examples)
+    if args.max_length is not None and args.max_length < longest:
+        raise ModelError(f"max_length {args.max_length} would cut episodes of up to {longest} tokens; lmcoh trains "
+                         "on whole episodes: raise max_length or leave it unset")
+    n = len(examples)
     rows, batch = math.ceil(n / max(args.world_size, 1)), args.per_device_train_batch_size  # per process
     batches = rows // batch if args.dataloader_drop_last else math.ceil(rows / batch)
     if batches == 0:

@@ -6,6 +6,7 @@
     rounds/k/        metrics.json, eval.json, episodes.jsonl, model/ (the round's adapter)
     metrics.jsonl    one line per complete round, always rebuilt from rounds/
     report.md, *.png the report
+    tensorboard/     with report_to tensorboard: metrics/ (the run's, a step per round), round_K/
 
 What a run guarantees:
 
