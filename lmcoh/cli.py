@@ -172,7 +172,7 @@ def _cmd_study(args: argparse.Namespace) -> None:
 
 def _check_goal_text(args: argparse.Namespace) -> None:
     if args.goal_text is not None and getattr(args, "goal", "success") != "success":
-        raise LmcohError(f"--goal-text states the success goal; it cannot go with --goal {args.goal}")
+        raise LmcohError(f"--goal_text states the success goal; it cannot go with --goal {args.goal}")
 
 
 def _load_for_task(args: argparse.Namespace):

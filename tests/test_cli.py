@@ -316,7 +316,7 @@ def test_outputs_are_refused_before_any_work(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--format", "chat"], "has none; use --format compact or natural"),
-    (["--goal", "none", "--goal-text", "Win."], "--goal-text states the success goal"),
+    (["--goal", "none", "--goal-text", "Win."], "--goal_text states the success goal"),
     (["--goal-text", "<win>"], "goal text must be one line"),
 ])
 def test_bad_layouts_fail_in_one_line(argv, message, foreign, capsys):

@@ -312,15 +312,22 @@ def test_killed_run_resumes_to_the_uninterrupted_metrics(tmp_path):
 
 @pytest.mark.slow
 def test_trainer_settings_reach_the_run(tmp_path):
-    """Gradient accumulation, a cosine schedule and TensorBoard: recorded in config.yaml and used."""
+    """A handful of honoured trainer and adapter settings (gradient accumulation, a cosine schedule, Adafactor,
+    weight decay, label smoothing, rsLoRA, TensorBoard): recorded in config.yaml and used."""
     task = load_task("mountain_race")
     out = self_train("--task", "mountain_race", "--model_name_or_path", _tiny_model_dir(task, tmp_path / "model"),
                      "--rounds", 1, "--episodes_per_round", 64, "--gradient_accumulation_steps", 2,
-                     "--lr_scheduler_type", "cosine", "--report_to", "tensorboard", "--output_dir", tmp_path / "run")
+                     "--lr_scheduler_type", "cosine", "--optim", "adafactor", "--weight_decay", "0.01",
+                     "--label_smoothing_factor", "0.05", "--use_rslora", "true", "--report_to", "tensorboard",
+                     "--output_dir", tmp_path / "run")
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["gradient_accumulation_steps"] == 2 and config["lr_scheduler_type"] == "cosine"
+    assert config["optim"] == "adafactor" and config["use_rslora"] is True
+    adapter = json.loads((out / "rounds" / "1" / "model" / "adapter_config.json").read_text())
+    assert adapter["use_rslora"] is True
     assert config["report_to"] == ["tensorboard"]
-    assert list((out / "tensorboard" / "round_1").glob("events.out.tfevents.*"))
+    assert list((out / "tensorboard" / "round_1").glob("events.out.tfevents.*"))  # the Trainer's, of round 1
+    assert list((out / "tensorboard" / "metrics").glob("events.out.tfevents.*"))  # the run's, a step per round
     assert not (out / "trainer").exists()
 
 

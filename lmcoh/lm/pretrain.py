@@ -40,7 +40,7 @@ from ..tasks.episodes import sample_outcome_balanced, sample_prior_episodes
 from ..tasks.task import Task
 from .text import Layout
 
-# Named model sizes (`lmcoh pretrain --model-size`, arguments of `lmcoh.model.new_llama`). A wide
+# Named model sizes (`lmcoh pretrain --model_size`, arguments of `lmcoh.model.new_llama`). A wide
 # initialisation helps the tiny model pick up the goal token a dozen tokens back; "tiny" is tested.
 MODEL_SIZES = {
     "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "initializer_range": 0.2},
