@@ -302,7 +302,7 @@ def test_killed_run_resumes_to_the_uninterrupted_metrics(tmp_path):
             assert x[key] == pytest.approx(y[key], abs=1e-6), key
     assert a[1]["episodes_sampled"] == 64 and a[1]["episodes_kept"] == 64  # label mode keeps all
     assert set(a[0]) == {"round", "success", "target_success", "tv_to_target", "incoherence",
-                         "target_incoherence", "token_incoherence", "sampled_success_rate",
+                         "incoherence_finite_part", "target_incoherence", "token_incoherence", "sampled_success_rate",
                          "episodes_sampled", "episodes_kept", "sample_seconds", "train_seconds",
                          "eval_seconds"}
     assert (resumed / "rounds" / "2" / "model" / "adapter_config.json").is_file()
