@@ -5,7 +5,9 @@ JSON convention (every file lmcoh writes): infinities are the strings ``"inf"`` 
 scalars and arrays become plain numbers and lists. `number` reads a value back as a float.
 
 Atomic writes go to a temporary sibling and are renamed into place, so a reader (or a run
-resumed after a kill) sees the old file or the new one, never half of one.
+resumed after a kill) sees the old file or the new one, never half of one; what lands gets the
+user's umask. Nothing is lost: a command checks its output with `check_output` before any work,
+and refuses to replace what is there unless told to (``--overwrite``).
 """
 
 from __future__ import annotations

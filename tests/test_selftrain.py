@@ -313,12 +313,12 @@ def test_killed_run_resumes_to_the_uninterrupted_metrics(tmp_path):
 @pytest.mark.slow
 def test_trainer_settings_reach_the_run(tmp_path):
     """A handful of honoured trainer and adapter settings (gradient accumulation, a cosine schedule, Adafactor,
-    weight decay, label smoothing, rsLoRA, TensorBoard): recorded in config.yaml and used."""
+    weight decay, gradient clipping, rsLoRA, TensorBoard): recorded in config.yaml and used."""
     task = load_task("mountain_race")
     out = self_train("--task", "mountain_race", "--model_name_or_path", _tiny_model_dir(task, tmp_path / "model"),
                      "--rounds", 1, "--episodes_per_round", 64, "--gradient_accumulation_steps", 2,
                      "--lr_scheduler_type", "cosine", "--optim", "adafactor", "--weight_decay", "0.01",
-                     "--label_smoothing_factor", "0.05", "--use_rslora", "true", "--report_to", "tensorboard",
+                     "--max_grad_norm", "0.5", "--use_rslora", "true", "--report_to", "tensorboard",
                      "--output_dir", tmp_path / "run")
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["gradient_accumulation_steps"] == 2 and config["lr_scheduler_type"] == "cosine"

@@ -98,7 +98,7 @@ def check_examples(args, examples: list[tuple[list[int], list[int]]]) -> None:
     trained whole, and TRL drops what is left without an action), no batch at all under
     ``dataloader_drop_last``, or a polynomial schedule whose warmup takes every optimiser step
     (it divides by the steps left)."""
-    longest = max(len(ids) for ids, _ in examples)
+    longest = max((len(ids) for ids, _ in examples), default=0)
     if args.max_length is not None and args.max_length < longest:
         raise ModelError(f"max_length {args.max_length} would cut episodes of up to {longest} tokens; lmcoh trains "
                          "on whole episodes: raise max_length or leave it unset")

@@ -237,9 +237,9 @@ def parse(parser, argv: list[str] | None = None) -> tuple:
 def run_recipe(prog: str, main, parser) -> None:
     """Parse the command line and run ``main`` on it, the way every recipe ends: a problem is one
     line ``PROG: error: ...`` and exit status 2 (or the error's own ``exit_status``), Ctrl-C one
-    line and status 130 (the run directory
-    resumes). Under a data-parallel launch each process, having said why it stops, waits for the
-    others, so that the launcher kills none before it has said so too."""
+    line and status 130 (the run directory resumes). Under a data-parallel launch each process,
+    having said why it stops, waits for the others, so that the launcher kills none before it has
+    said so too."""
     try:
         main(*parse(parser))
     except LmcohError as err:
@@ -305,6 +305,8 @@ REFUSED = {
 def check_trainer_settings(sft, model) -> None:
     """`RunError` for trainer and adapter settings that could only fail later, mid-run: the
     `REFUSED` ones, optimisers and schedules that cannot be built, numbers out of range."""
+    from transformers.utils import is_bitsandbytes_available, is_liger_kernel_available
+
     for config in (sft, model):
         for name, (refused, why) in REFUSED.items():
             if hasattr(config, name) and refused(getattr(config, name)):
@@ -314,8 +316,6 @@ def check_trainer_settings(sft, model) -> None:
     if "trust_remote_code" in (sft.model_init_kwargs or {}):
         raise RunError(f"model_init_kwargs: trust_remote_code is not supported: {REFUSED['trust_remote_code'][1]}")
     _check_optimiser(sft)
-    from transformers.utils import is_bitsandbytes_available, is_liger_kernel_available
-
     if sft.use_liger_kernel and not is_liger_kernel_available():
         raise RunError("use_liger_kernel needs the liger-kernel package (pip install liger-kernel)")
     if (model.load_in_4bit or model.load_in_8bit) and not is_bitsandbytes_available():
