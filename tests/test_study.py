@@ -161,3 +161,13 @@ def test_cli_bad_run_dir_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("lmcoh: error:") and "metrics.jsonl" in err and "\n" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_theorem_5_9_holds_with_a_random_start_over_deterministic_moves():
+    """gym:Taxi-v4 starts at random, every move is deterministic: it joins the deterministic family, and there
+    retraining equals temperature exactly (policies are per state; each start's episodes reweight on their own)."""
+    taxi = load_task("gym:Taxi-v4,horizon=20")
+    assert taxi.deterministic and taxi.random_start and taxi.uniform_prior
+    sec = study.fold_equalities([study.Family("taxi", True, [taxi])], steps=3)
+    assert sec["checks"][0]["verdict"] == study.HOLDS and sec["rows"][0]["dynamics"] == "deterministic"
+    assert sec["rows"][0]["retrain vs temperature"] < 1e-12
