@@ -325,3 +325,17 @@ def test_bad_layouts_fail_in_one_line(argv, message, foreign, capsys):
     assert err.startswith("lmcoh: error: ") and message in err and "\n" not in err
     with pytest.raises(SystemExit):
         cli.main(["evaluate", foreign["gpt2"], "--task", "mountain_race", "--format", "prose"])
+
+
+def test_a_format_the_model_cannot_write_names_the_ones_it_can(mountain, tmp_path, capsys):
+    """The built-in model's word tokenizer has no chat template and no words for the natural format: the
+    chat refusal suggests compact only (natural fails too)."""
+    from conftest import tiny_llama
+    from lmcoh.lm.loading import save_model
+
+    lm = tiny_llama(mountain)
+    model = save_model(lm.model, lm.tokenizer, tmp_path / "prior", {})
+    for fmt in ("chat", "natural"):
+        assert cli.main(["evaluate", str(model), "--task", "mountain_race", "--format", fmt]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.endswith("; use --format compact") and "\n" not in err, err
