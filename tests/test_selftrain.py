@@ -109,9 +109,9 @@ def test_recipe_reports_bad_values_in_one_line(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "recipes" / "self_train.py"), "--task", "mountain_race",
                           "--mode", "best", "--output_dir", str(tmp_path / "out")],
                          capture_output=True, text=True, cwd=ROOT, env=recipe_env())
-    assert run.returncode != 0
-    assert run.stderr.strip() == ("self_train: error: argument --mode: invalid choice: 'best' "
-                                  "(choose from 'filter', 'label')")
+    assert run.returncode == 2
+    assert run.stderr.strip() == ("self_train: error: argument --mode: invalid choice 'best' "
+                                  "(choose from filter, label) (see --help)")
     assert not (tmp_path / "out").exists()
 
 
