@@ -126,11 +126,15 @@ def comparison_check(args) -> None:
     self_train_check(args)
 
 
-def _parsers():
-    from lmcoh.runs.arguments import SelfTrainArguments, TemperatureArguments, make_parser
+def _parser(script_type: str):
+    from lmcoh.runs import arguments
 
-    return {"self_train": (make_parser(SelfTrainArguments), self_train_check),
-            "temperature_vs_retraining": (make_parser(TemperatureArguments), comparison_check)}
+    return arguments.make_parser(getattr(arguments, script_type))
+
+
+# Each recipe's parser and the checks it runs before any work: a recipe joins the walk with one line.
+RECIPES = {"self_train": (lambda: _parser("SelfTrainArguments"), self_train_check),
+           "temperature_vs_retraining": (lambda: _parser("TemperatureArguments"), comparison_check)}
 
 
 # The settings no run can honour, and the reason each refusal gives (lmcoh.runs.arguments.REFUSED, the
@@ -162,7 +166,7 @@ REFUSED = {
 }
 
 
-@pytest.mark.parametrize("recipe", ["self_train", "temperature_vs_retraining"])
+@pytest.mark.parametrize("recipe", RECIPES)
 def test_every_setting_is_honoured_or_refused_in_one_line(recipe, tmp_path, monkeypatch, mountain):
     """The field walk: every field of the recipe's dataclasses (SelfTrainArguments, TRL's SFTConfig and
     ModelConfig, as lmcoh redeclares them) set to plausible non-default values; each case is accepted by
@@ -174,7 +178,8 @@ def test_every_setting_is_honoured_or_refused_in_one_line(recipe, tmp_path, monk
     monkeypatch.setenv(budget.ENV, str(budget.limit_bytes() / 2 ** 30))  # memory_limit_gb sets it: undone after
     for module in ("lmcoh.runs.selftrain", "lmcoh.tasks.library"):  # the same task file, read once
         monkeypatch.setattr(f"{module}.load_task", functools.lru_cache(load_task))
-    parser, check = _parsers()[recipe]
+    make, check = RECIPES[recipe]
+    parser = make()
     lm = tiny_llama(mountain)
     model = save_model(lm.model, lm.tokenizer, tmp_path / "model", {})
     verdicts = {}
