@@ -6,12 +6,15 @@ no flag every section runs. Performance targets of the issues are checked here, 
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import sys
 import time
 from pathlib import Path
+
+from . import flags
+from .errors import LmcohError
+from .io import check_output, write_json
 
 
 def _peak_rss_gb() -> float:
@@ -355,19 +358,25 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--selftrain-worker"]:
         selftrain_worker(argv[1:])
         return 0
-    parser = argparse.ArgumentParser(prog="python -m lmcoh.bench", description=__doc__.splitlines()[0])
+    parser = flags.Parser(prog="python -m lmcoh.bench", description=__doc__.splitlines()[0])
     for name, fn in SECTIONS.items():
         parser.add_argument(f"--{name}", action="store_true", help=fn.__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="FILE", help="also write the measurements as JSON to FILE")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file (default: refuse)")
     args = parser.parse_args(argv)
+    try:
+        if args.json:
+            check_output(args.json, args.overwrite, "--json", kind="file")  # before the measurements, not after
+    except LmcohError as err:
+        print(f"lmcoh.bench: error: {err}", file=sys.stderr)
+        return 2
     chosen = [n for n in SECTIONS if getattr(args, n)] or list(SECTIONS)
     results = {}
     for name in chosen:
         results[name] = SECTIONS[name]()
         print()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(args.json, results, indent=2)
     return 0
 
 

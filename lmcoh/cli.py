@@ -5,7 +5,10 @@ commands (``tasks``, ``show``, ``exact``) never import torch; language-model com
 it inside their handlers, so ``lmcoh exact`` starts fast.
 
 Every user error (bad task file, bad spec, bad model directory, bad value) ends as one line
-``lmcoh: error: ...`` on stderr and exit status 2, never a traceback.
+``lmcoh: error: ...`` on stderr and exit status 2, never a traceback. The flags speak the
+language of `lmcoh.flags` (one spelling, TRL's where the concept is TRL's, older spellings
+hidden aliases); a command that writes refuses to replace what is there without ``--overwrite``
+(`lmcoh.io.check_output`), before any work.
 """
 
 from __future__ import annotations
@@ -14,11 +17,11 @@ import argparse
 import math
 import os
 import sys
-from pathlib import Path
 
+from . import flags
 from .errors import DivergenceError, LmcohError
+from .io import check_output, dumps, jsonable, write_jsonl
 from .oracle import specs
-from .io import dumps, jsonable, write_jsonl
 from .tasks import budget
 from .tasks.task import Task
 
@@ -33,8 +36,13 @@ def _cmd_tasks(args: argparse.Namespace) -> None:
     width = max(len(name) for name, _ in rows)
     print(f"{'task':<{width}}  {'states':>7}  {'horizon':>7}  dynamics       description")
     for name, task in rows:
-        dynamics = "deterministic" if task.deterministic else "stochastic"
-        print(f"{name:<{width}}  {task.n_states:>7}  {task.horizon:>7}  {dynamics:<13}  {task.description}")
+        print(f"{name:<{width}}  {task.n_states:>7}  {task.horizon:>7}  {_dynamics(task):<13}  {task.description}")
+
+
+def _dynamics(task: Task, start: bool = False) -> str:
+    """``deterministic`` or ``stochastic`` (the moves); with ``start``, whether the start is random."""
+    dynamics = "deterministic" if task.deterministic else "stochastic"
+    return f"{dynamics}, random start" if start and task.random_start else dynamics
 
 
 def _cmd_show(args: argparse.Namespace) -> None:
@@ -51,8 +59,8 @@ def _cmd_show(args: argparse.Namespace) -> None:
     print(f"{task.name}: {task.description}" if task.description else task.name)
     print(f"  {task.n_states} states ({int((~task.terminal).sum())} with actions, "
           f"{int(task.terminal.sum())} terminal, {len(reachable)} reachable decision states), "
-          f"{task.n_actions} actions, horizon {task.horizon}, "
-          f"{'deterministic' if task.deterministic else 'stochastic'} dynamics"
+          f"{task.n_actions} actions, horizon {task.horizon}, {_dynamics(task)} dynamics"
+          f"{', random start' if task.random_start else ''}"
           f"{', states recur across steps' if task.recurring else ''}")
     start = ", ".join(f"{task.state_names[s]} {task.start_prob[s]:g}" for s in _start_states(task)[:8])
     print(f"  start: {start}; running out of decisions succeeds with q = {math.exp(task.timeout_logq):g}")
@@ -79,10 +87,10 @@ def _cmd_show(args: argparse.Namespace) -> None:
 
 
 def _show_plot(args: argparse.Namespace) -> None:
-    """`lmcoh show TASK --plot FILE --policy SPEC`: the decision graph under one policy."""
+    """`lmcoh show --task TASK --plot FILE --policy SPEC`: the decision graph under one policy."""
     from .tasks.library import load_task
 
-    path = Path(args.plot)
+    path = check_output(args.plot, args.overwrite, "--plot", kind="file")
     if path.suffix.lower() not in (".png", ".svg"):
         raise LmcohError(f"{args.plot}: the picture must be a .png or .svg file")
     if not path.parent.is_dir():
@@ -127,8 +135,7 @@ def _cmd_exact(args: argparse.Namespace) -> None:
                                epsilon=args.epsilon)
         print(dumps(result))
         return
-    dynamics = "deterministic" if task.deterministic else "stochastic"
-    print(f"{task.name} ({dynamics}, horizon {task.horizon}, delta {args.delta:g}, "
+    print(f"{task.name} ({_dynamics(task, start=True)}, horizon {task.horizon}, delta {args.delta:g}, "
           f"optimal success {exact.optimal_success(task):.6g})")
     s0 = _start_states(task)[0]
     first = task.layers[0]
@@ -136,7 +143,7 @@ def _cmd_exact(args: argparse.Namespace) -> None:
     lo, hi = int(first.start[i0]), int(first.start[i0 + 1])
     shown = range(lo, min(hi, lo + 3))
     heads = [f"pi({task.action_names[first.actions[j]]}|{task.state_names[s0]})" for j in shown]
-    header = f"{'k':>3}  {'success':>9}  {'return':>9}  {'incoherence':>11}  {'entropy':>8}"
+    header = f"{'k':>3}  {'success':>9}  {'return':>9}  {'incoherence':>11}  {'finite part':>11}  {'entropy':>8}"
     header += "".join(f"  {h:>{max(10, len(h))}}" for h in heads)
     for kind in exact.ALL_SEQUENCES:
         title = {"klrl": f"klrl: max E[sum log max(q, {args.epsilon:g})] - (1/k) KL(pi || p)",
@@ -146,7 +153,7 @@ def _cmd_exact(args: argparse.Namespace) -> None:
         try:
             for k, pi, s in exact.summarised_sequence(task, kind, args.steps, args.delta, args.epsilon):
                 row = (f"{k:>3}  {s['success']:>9.6f}  {s['return']:>9.4f}  {s['incoherence']:>11.6f}"
-                       f"  {s['causal_entropy']:>8.4f}")
+                       f"  {s['incoherence_finite_part']:>11.6f}  {s['causal_entropy']:>8.4f}")
                 rows.append(row + "".join(f"  {pi[0][j]:>{max(10, len(h))}.6f}" for j, h in zip(shown, heads)))
                 note = klrl.over_histories(s["histories"]) if "histories" in s else note
         except klrl.TooManyHistories as err:
@@ -161,9 +168,10 @@ def _cmd_study(args: argparse.Namespace) -> None:
     from .study import claims as study
     from .study import report as study_report
 
+    study_report.check_output(args.output_dir, args.overwrite)  # before the study, not after it
     cfg = study.StudyConfig(tasks=args.tasks or [], seed=args.seed, quick=args.quick, runs=args.runs or [])
     result = study.run_study(cfg, progress=lambda line: print(f"study: {line}", file=sys.stderr, flush=True))
-    out = study_report.write(jsonable(result), args.out)
+    out = study_report.write(jsonable(result), args.output_dir, args.overwrite)
     print(f"{out}/report.md: {study.verdict_counts(result)}")
 
 
@@ -173,7 +181,7 @@ def _cmd_study(args: argparse.Namespace) -> None:
 
 def _check_goal_text(args: argparse.Namespace) -> None:
     if args.goal_text is not None and getattr(args, "goal", "success") != "success":
-        raise LmcohError(f"--goal-text states the success goal; it cannot go with --goal {args.goal}")
+        raise LmcohError(f"--goal_text states the success goal; it cannot go with --goal {args.goal}")
 
 
 def _load_for_task(args: argparse.Namespace):
@@ -192,15 +200,19 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
     from .lm.pretrain import pretrain
     from .tasks.library import load_task
 
+    check_output(args.output_dir, args.overwrite, "--output_dir")
     _check_goal_text(args)
     task = load_task(args.task)
-    settings = {k: getattr(args, k) for k in ("episodes", "epochs", "seed", "model_size", "learning_rate",
-                                              "batch_size", "none_share", "lora_r") if getattr(args, k) is not None}
+    flag = {"episodes": "pretrain_episodes", "epochs": "pretrain_epochs", "batch_size": "global_batch_size"}
+    settings = {name: getattr(args, flag.get(name, name)) for name in ("episodes", "epochs", "batch_size", "seed",
+                                                                      "model_size", "learning_rate", "none_share",
+                                                                      "lora_r")}  # PretrainConfig's fields
+    settings = {name: value for name, value in settings.items() if value is not None}
     try:
-        out = pretrain(task, args.out, base=args.base, format=args.format, goal_text=args.goal_text,
-                       progress=not args.quiet, **settings)
+        out = pretrain(task, args.output_dir, base=args.base, format=args.format, goal_text=args.goal_text,
+                       progress=not args.disable_tqdm, **settings)
     except DivergenceError as err:
-        raise LmcohError(f"{err}; the learning rate is the likely cause: lower --learning-rate") from None
+        raise LmcohError(f"{err}; the learning rate is the likely cause: lower --learning_rate") from None
     what = f"LoRA-conditioned {args.base}" if args.base else "built-in model"
     print(f"{out}: prior for {task.name} ({what}, seed {args.seed})", file=sys.stderr)
 
@@ -212,7 +224,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     reference = args.reference or ("task" if loaded.meta.get("task") else "model")
     result = metrics.evaluate(loaded, task, goal=args.goal, temperature=args.temperature, layout=layout,
                               delta=args.delta, max_histories=args.max_histories, reference=reference,
-                              seed=args.seed, batch_size=args.batch_size, mc_episodes=args.mc_episodes,
+                              seed=args.seed, batch_size=args.sample_batch_size, mc_episodes=args.eval_episodes,
                               progress=not args.json)
     if args.json:
         print(dumps(result))
@@ -239,16 +251,16 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     from .lm.rollout import sample_episodes
     from .lm.text import Writer, episode_record
 
-    out = os.path.abspath(args.out)
-    if os.path.isdir(out) or not os.path.isdir(os.path.dirname(out)):
-        raise LmcohError(f"{args.out}: not a file in an existing directory")
+    out = check_output(args.output_file, args.overwrite, "--output_file", kind="file")
+    if not out.parent.is_dir():
+        raise LmcohError(f"--output_file {out}: no such directory {str(out.parent)!r}")
     task, loaded, layout = _load_for_task(args)
-    episodes = sample_episodes(loaded, task, args.n, goal=args.goal, seed=args.seed,
-                               temperature=args.temperature, batch_size=args.batch_size, layout=layout)
+    episodes = sample_episodes(loaded, task, args.episodes, goal=args.goal, seed=args.seed,
+                               temperature=args.temperature, batch_size=args.sample_batch_size, layout=layout)
     writer = Writer(task, layout, loaded.tokenizer)
     write_jsonl(out, [episode_record(writer, episode) for episode in episodes])
-    rate = sum(e.success for e in episodes) / max(len(episodes), 1)
-    print(f"{args.out}: {len(episodes)} episodes, sampled success rate {rate:.4f}", file=sys.stderr)
+    rate = f"{sum(e.success for e in episodes) / len(episodes):.4f}" if episodes else "undefined (no episodes)"
+    print(f"{out}: {len(episodes)} episodes, sampled success rate {rate}", file=sys.stderr)
 
 
 def _cmd_card(args: argparse.Namespace) -> None:
@@ -258,14 +270,14 @@ def _cmd_card(args: argparse.Namespace) -> None:
     from .report import card as card_files
     from .tasks.library import builtin_tasks, load_task
 
-    out = card_files.check_out(args.out, args.overwrite)
+    out = check_output(args.output_dir, args.overwrite, "--output_dir")
     tasks = [load_task(ref) for ref in args.tasks or builtin_tasks()]
     loaded = load_model(args.model)
     layout = card.layout(loaded, args.format, args.prompt, args.goal_text)
     rows = list(card.measure(loaded, tasks, layout, report=lambda line: print(f"card: {line}", file=sys.stderr,
                                                                              flush=True),
-                             seed=args.seed, batch_size=args.batch_size, max_histories=args.max_histories,
-                             mc_episodes=args.mc_episodes, progress=True))
+                             seed=args.seed, batch_size=args.sample_batch_size, max_histories=args.max_histories,
+                             mc_episodes=args.eval_episodes, progress=True))
     result = jsonable({"model": args.model, "format": layout.format, "prompt": layout.mode,
                        "goal_text": layout.goal_text, "lmcoh_version": __version__, "tasks": rows})
     card_files.write(out, result)
@@ -277,28 +289,29 @@ def _cmd_card(args: argparse.Namespace) -> None:
 
 # ---- parsing and errors --------------------------------------------------------------------------
 
-def _nonnegative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+def _number(kind: type, text: str, ok, what: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
     return value
+
+
+def _nonnegative_int(text: str) -> int:
+    return _number(int, text, lambda v: v >= 0, "an integer >= 0")
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+    return _number(int, text, lambda v: v >= 1, "an integer >= 1")
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+    return _number(float, text, lambda v: v > 0 and not math.isinf(v), "a positive number")
 
 
-def _add_layout_options(p: argparse.ArgumentParser, *, prompt: str, format: str, goal_text: str) -> None:
+def _add_layout_options(p: flags.Parser, *, prompt: str, format: str, goal_text: str) -> None:
     """How the model reads a task (`lmcoh.lm.text.Layout`); the arguments say each default."""
     from .lm.text import FORMATS, PROMPT_MODES
 
@@ -306,68 +319,85 @@ def _add_layout_options(p: argparse.ArgumentParser, *, prompt: str, format: str,
                    help=f"history: the whole transcript; markov: only the current state and step (default: {prompt})")
     p.add_argument("--format", choices=FORMATS,
                    help=f"compact, natural or chat (the tokenizer's chat template) (default: {format})")
-    p.add_argument("--goal-text", metavar="TEXT",
+    p.add_argument("--goal_text", metavar="TEXT",
                    help=f"state the success goal in these words instead of the <success> token (default: {goal_text})")
 
 
-def _add_tabulation_options(p: argparse.ArgumentParser) -> None:
+def _add_tabulation_options(p: flags.Parser) -> None:
     """How an LM policy is tabulated: exactly over its histories, or by Monte Carlo past a size."""
-    p.add_argument("--max-histories", type=_nonnegative_int, default=200_000,
+    p.add_argument("--max_histories", type=_nonnegative_int, metavar="N", default=200_000,
                    help="tabulate exactly up to this many histories, else Monte Carlo (default 200000)")
-    p.add_argument("--mc-episodes", type=_positive_int, default=4000,
+    p.add_argument("--eval_episodes", type=_positive_int, metavar="N", default=4000, aliases=("--mc-episodes",),
                    help="episodes for the Monte Carlo estimate (default 4000)")
 
 
 def _unit_float(text: str) -> float:
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
+    return _number(float, text, lambda v: 0 < v < 1, "a number between 0 and 1")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _share(text: str) -> float:
+    return _number(float, text, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def build_parser() -> flags.Parser:
+    """The `lmcoh` parser: every flag in the one spelling of `lmcoh.flags` (underscores, as TRL
+    spells its own), its older spellings hidden aliases."""
+    from . import __version__
     from .oracle.klrl import EPSILON as klrl_epsilon  # numpy only
 
-    parser = argparse.ArgumentParser(
-        prog="lmcoh", description="Coherence of goal-conditioned language-model policies on small decision tasks.")
-    parser.add_argument("--memory-limit", type=_positive_float, metavar="GB",
+    parser = flags.Parser(prog="lmcoh", description="Coherence of goal-conditioned language-model policies on small "
+                                                    "decision tasks.",
+                          epilog="Exit status: 0 done; 2 a usage or input error (one line on stderr); 130 "
+                                 "interrupted. Every flag has one spelling (underscores, as TRL spells them); "
+                                 "older spellings still work.")
+    parser.add_argument("--version", action="version", version=f"lmcoh {__version__}")
+    parser.add_argument("--memory_limit_gb", type=_positive_float, metavar="GB", aliases=("--memory-limit",),
                         help="refuse work estimated to need more memory than this (default: half the "
-                             "machine's memory, at most 8; also LMCOH_MEMORY_LIMIT_GB)")
+                             f"machine's memory, at most 8; also {budget.ENV}); before or after the command")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     task_help = "a task YAML file, a built-in name (see `lmcoh tasks`) or a generator spec (random-tree:T=4,A=3)"
+
+    def task(p, **kwargs):
+        p.add_argument("--task", required=True, help=task_help, **kwargs)
+
+    def overwrite(p, what: str):
+        p.add_argument("--overwrite", action="store_true", help=f"replace an existing {what} (default: refuse)")
 
     p = sub.add_parser("tasks", help="list the built-in tasks and generator examples")
     p.set_defaults(handler=_cmd_tasks)
 
     p = sub.add_parser("show", help="print a task as the model reads it, with basic stats")
-    p.add_argument("task", metavar="TASK", help=task_help)
-    p.add_argument("--limit", type=_nonnegative_int, default=40, help="print at most this many states (default 40)")
+    task(p, positional_alias=True)
+    p.add_argument("--limit", type=_nonnegative_int, metavar="N", default=40, help="print at most this many states (default 40)")
     p.add_argument("--plot", metavar="FILE", help="draw the decision graph into FILE (.png or .svg) instead")
     p.add_argument("--policy", metavar="SPEC",
                    help=f"the policy drawn: {specs.SPECS} (an LM prompted with <success>); default p")
+    overwrite(p, "--plot file")
     p.set_defaults(handler=_cmd_show)
 
     p = sub.add_parser("exact", help="exact success, return and incoherence along every sequence")
-    p.add_argument("task", metavar="TASK", help=task_help)
-    p.add_argument("--steps", type=_nonnegative_int, default=4, help="sequence length K: k = 0..K (default 4)")
-    p.add_argument("--delta", type=_positive_float, default=1.0, help="incoherence temperature delta (default 1)")
+    task(p, positional_alias=True)
+    p.add_argument("--steps", type=_nonnegative_int, metavar="K", default=4, help="sequence length K: k = 0..K (default 4)")
+    p.add_argument("--delta", type=_positive_float, metavar="DELTA", default=1.0, help="incoherence temperature delta (default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    p.add_argument("--no-policies", action="store_true", help="leave the policies out of the JSON")
-    p.add_argument("--epsilon", type=_unit_float, default=klrl_epsilon,
+    p.add_argument("--no_policies", action="store_true", help="leave the policies out of the JSON")
+    p.add_argument("--epsilon", type=_unit_float, metavar="EPSILON", default=klrl_epsilon,
                    help=f"the floor of q in the klrl reward R = sum log max(q, epsilon) (default {klrl_epsilon:g})")
     p.set_defaults(handler=_cmd_exact)
 
     p = sub.add_parser("study", help="check every claim of the paper on exact numbers; write a report")
     p.add_argument("--tasks", nargs="+", metavar="TASK",
                    help="tasks to study instead of the built-in tasks and generated families")
-    p.add_argument("--out", default="outputs/study", help="output directory (default outputs/study)")
-    p.add_argument("--seed", type=_nonnegative_int, default=0, help="seed of the generated tasks (default 0)")
+    p.add_argument("--output_dir", default="outputs/study", metavar="DIR", aliases=("--out",),
+                   help="the report directory to write (default outputs/study)")
+    overwrite(p, "study in --output_dir")
+    p.add_argument("--seed", type=_nonnegative_int, metavar="N", default=0, help="seed of the generated tasks (default 0)")
     p.add_argument("--runs", nargs="+", metavar="DIR", help="self-training output directories to compare")
     p.add_argument("--quick", action="store_true", help="fewer and smaller tasks (a few seconds)")
     p.set_defaults(handler=_cmd_study)
 
     from .lm.pretrain import DEFAULTS, MODEL_SIZES, PretrainConfig  # numpy only: keeps `lmcoh exact` free of torch
-    from .lm.text import FORMATS, PROMPT_MODES
+    from .lm.text import FORMATS
 
     def default(name: str) -> str:
         return f"default {DEFAULTS['built-in'][name]:g} for the built-in model, {DEFAULTS['base'][name]:g} with --base"
@@ -375,26 +405,28 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = PretrainConfig()
     p = sub.add_parser("pretrain", help="train an LM on the task's own episodes: the prior p (built-in model, "
                                         "or a pretrained one conditioned with LoRA)")
-    p.add_argument("task", metavar="TASK", help=task_help)
-    p.add_argument("--out", required=True, metavar="DIR", help="the model directory to write")
+    task(p, positional_alias=True)
+    p.add_argument("--output_dir", required=True, metavar="DIR", aliases=("--out",), help="the model directory to write")
+    overwrite(p, "model in --output_dir")
     p.add_argument("--base", metavar="MODEL",
                    help="condition this pretrained causal LM (a directory, a GGUF file, or a hub id in the local "
-                        "cache): LoRA plus the new marker tokens, merged into OUT")
+                        "cache): LoRA plus the new marker tokens, merged into OUTPUT_DIR")
     p.add_argument("--format", choices=FORMATS,
                    help="text format (default: compact, or the base model's own); natural and chat need --base")
-    p.add_argument("--goal-text", metavar="TEXT", help="write this statement instead of the <success> token")
-    p.add_argument("--episodes", type=_positive_int,
+    p.add_argument("--goal_text", metavar="TEXT", help="write this statement instead of the <success> token")
+    p.add_argument("--pretrain_episodes", type=_positive_int, metavar="N", aliases=("--episodes",),
                    help=f"episodes sampled under the prior, behind their outcome token ({default('episodes')})")
-    p.add_argument("--epochs", type=_positive_float, help=f"passes over the data ({default('epochs')})")
-    p.add_argument("--seed", type=_nonnegative_int, default=defaults.seed, help="seed (default 0)")
-    p.add_argument("--model-size", choices=MODEL_SIZES,
+    p.add_argument("--pretrain_epochs", type=_positive_float, metavar="N", aliases=("--epochs",),
+                   help=f"passes over the episodes ({default('epochs')})")
+    p.add_argument("--learning_rate", type=_positive_float, metavar="LR", help=f"peak learning rate ({default('learning_rate')})")
+    p.add_argument("--global_batch_size", type=_positive_int, metavar="N", aliases=("--batch-size",),
+                   help=f"sequences per optimiser step, over all processes ({default('batch_size')})")
+    p.add_argument("--seed", type=_nonnegative_int, metavar="N", default=defaults.seed, help="seed (default 0)")
+    p.add_argument("--model_size", choices=MODEL_SIZES,
                    help=f"size of the built-in model (default {defaults.model_size})")
-    p.add_argument("--learning-rate", type=_positive_float, help=f"peak learning rate ({default('learning_rate')})")
-    p.add_argument("--batch-size", type=_positive_int,
-                   help=f"sequences per step and device ({default('batch_size')})")
-    p.add_argument("--lora-r", type=_positive_int, help=f"LoRA rank with --base (default {defaults.lora_r})")
-    p.add_argument("--none-share", type=float, help="share of transcripts shown with no goal token (default 1/3)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--lora_r", type=_positive_int, metavar="R", help=f"LoRA rank with --base (default {defaults.lora_r})")
+    p.add_argument("--none_share", type=_share, metavar="SHARE", help="share of transcripts shown with no goal (default 1/3)")
+    p.add_argument("--disable_tqdm", action="store_true", aliases=("--quiet",), help="no progress bar")
     p.set_defaults(handler=_cmd_pretrain)
 
     for name, help_text in (("evaluate", "tabulate an LM policy exactly and measure it with the oracle"),
@@ -402,18 +434,19 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("model", metavar="MODEL", help="an lmcoh or Hugging Face causal-LM directory, a GGUF file, "
                                                       "or a hub id in the local cache")
-        p.add_argument("--task", required=True, help=task_help)
+        task(p)
         p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter directory to load on top of the model")
         p.add_argument("--goal", choices=("success", "failure", "none"), default="success",
-                       help="the goal token the prompt starts with (default success)")
-        p.add_argument("--temperature", type=_positive_float, default=1.0, help="logit temperature (default 1)")
+                       help="the goal written before every action: the <success> or <failure> token, or none "
+                            "(default success)")
+        p.add_argument("--temperature", type=_positive_float, metavar="T", default=1.0, help="logit temperature (default 1)")
         _add_layout_options(p, prompt="the model's own, else history", format="the model's own, else compact",
                             goal_text="the model's own, else the token")
-        p.add_argument("--seed", type=_nonnegative_int, default=0, help="seed (default 0)")
-        p.add_argument("--batch-size", type=_positive_int, default=256,
+        p.add_argument("--seed", type=_nonnegative_int, metavar="N", default=0, help="seed (default 0)")
+        p.add_argument("--sample_batch_size", type=_positive_int, metavar="N", default=256, aliases=("--batch-size",),
                        help="sequences per forward pass (default 256)")
         if name == "evaluate":
-            p.add_argument("--delta", type=_positive_float, default=1.0, help="incoherence temperature (default 1)")
+            p.add_argument("--delta", type=_positive_float, metavar="DELTA", default=1.0, help="incoherence temperature (default 1)")
             _add_tabulation_options(p)
             p.add_argument("--reference", choices=("task", "model"),
                            help="whose prior p the re-training sequence G^k(p) starts from: the task's, or the "
@@ -422,16 +455,19 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="print one JSON object")
             p.set_defaults(handler=_cmd_evaluate)
         else:
-            p.add_argument("-n", type=_nonnegative_int, required=True, help="number of episodes")
-            p.add_argument("--out", required=True, metavar="FILE.jsonl", help="where to write the episodes")
+            p.add_argument("--episodes", type=_nonnegative_int, metavar="N", required=True, aliases=("-n",),
+                           help="number of episodes to sample")
+            p.add_argument("--output_file", required=True, metavar="FILE.jsonl", aliases=("--out",),
+                           help="where to write the episodes")
+            overwrite(p, "--output_file")
             p.set_defaults(handler=_cmd_sample)
 
     p = sub.add_parser("card", help="a model's coherence, task by task: prompted with the goal against exact "
                                     "conditioning of its own behaviour (card.json, card.md, card.png)")
-    p.add_argument("model", metavar="MODEL", help="an lmcoh or Hugging Face causal-LM directory, or a hub id "
-                                                  "in the local cache")
-    p.add_argument("--out", required=True, metavar="DIR", help="the card's directory (must not exist)")
-    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    p.add_argument("model", metavar="MODEL", help="an lmcoh or Hugging Face causal-LM directory, a GGUF file, "
+                                                  "or a hub id in the local cache")
+    p.add_argument("--output_dir", required=True, metavar="DIR", aliases=("--out",), help="the card's directory")
+    overwrite(p, "card in --output_dir")
     p.add_argument("--tasks", nargs="+", metavar="TASK", help="tasks to measure (default: the built-in tasks)")
     _add_layout_options(p, prompt="the model's own, else markov, under which G(p_M) exactly conditions the "
                                   "model's own policy",
@@ -439,8 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "otherwise",
                         goal_text="the model's own; for a model lmcoh did not condition, \"Choose so that you "
                                   "succeed.\"")
-    p.add_argument("--seed", type=_nonnegative_int, default=0, help="seed of the Monte Carlo estimates (default 0)")
-    p.add_argument("--batch-size", type=_positive_int, default=256,
+    p.add_argument("--seed", type=_nonnegative_int, metavar="N", default=0,
+                   help="seed of the Monte Carlo estimates (default 0)")
+    p.add_argument("--sample_batch_size", type=_positive_int, metavar="N", default=256, aliases=("--batch-size",),
                    help="rows per forward pass, at most (default 256; fewer where memory asks)")
     _add_tabulation_options(p)
     p.add_argument("--json", action="store_true", help="also print card.json")
@@ -449,14 +486,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; the exit status: 0 done, 2 a usage or input error (one line on stderr),
+    130 interrupted (Ctrl-C), or the status an error names (`LmcohError.exit_status`)."""
+    args = build_parser().parse_args(argv)  # a usage error exits here, status 2, one line
     try:
-        budget.set_limit_gb(args.memory_limit)
+        budget.set_limit_gb(args.memory_limit_gb)
         args.handler(args)
-    except (LmcohError, KeyboardInterrupt) as err:
-        message = str(err) or "interrupted"
-        print(f"lmcoh: error: {message}", file=sys.stderr)
-        return 2
+    except LmcohError as err:
+        print(f"lmcoh: error: {err}", file=sys.stderr)
+        return err.exit_status
+    except KeyboardInterrupt:
+        print("lmcoh: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

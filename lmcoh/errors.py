@@ -2,15 +2,18 @@
 
 Every error the user can cause (a bad task file, a bad flag, a missing model directory, a
 damaged run) is an `LmcohError` whose message is one line that names the problem. The CLI
-and the recipes print that line and exit nonzero; anything else is a bug and keeps its
-traceback.
+and the recipes print that line and exit with the error's ``exit_status`` (2 unless the class
+says otherwise); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 
 class LmcohError(ValueError):
-    """A problem with the user's input; ``str(err)`` is one line for the user."""
+    """A problem with the user's input; ``str(err)`` is one line for the user, and
+    ``exit_status`` the status the command exits with (2; a subclass may name another)."""
+
+    exit_status = 2
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))

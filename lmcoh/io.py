@@ -5,7 +5,9 @@ JSON convention (every file lmcoh writes): infinities are the strings ``"inf"`` 
 scalars and arrays become plain numbers and lists. `number` reads a value back as a float.
 
 Atomic writes go to a temporary sibling and are renamed into place, so a reader (or a run
-resumed after a kill) sees the old file or the new one, never half of one.
+resumed after a kill) sees the old file or the new one, never half of one; what lands gets the
+user's umask. Nothing is lost: a command checks its output with `check_output` before any work,
+and refuses to replace what is there unless told to (``--overwrite``).
 """
 
 from __future__ import annotations
@@ -78,9 +80,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         yield Path(tmp)
         fd = os.open(tmp, os.O_RDONLY)
@@ -113,9 +113,11 @@ def replace_dir(src: str | Path, dest: str | Path) -> Path:
     """Move the finished directory ``src`` to ``dest``, replacing whatever ``dest`` held.
 
     The old ``dest`` is renamed aside first and deleted last, so a crash in between leaves
-    the old directory aside (``.NAME.old.*``), never a mix of the two.
+    the old directory aside (``.NAME.old.*``), never a mix of the two. What moves into place
+    gets the permissions of plain ``mkdir`` and ``open`` (`plain_permissions`).
     """
     src, dest = Path(src), Path(dest)
+    plain_permissions(src)
     if dest.exists():
         aside = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=dest.parent))
         os.replace(dest, aside / "old")
@@ -125,6 +127,60 @@ def replace_dir(src: str | Path, dest: str | Path) -> Path:
         os.replace(src, dest)
     return dest
 
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def plain_permissions(root: str | Path) -> None:
+    """Give ``root`` and everything under it the permissions plain ``mkdir`` and ``open`` would,
+    under the user's umask: temporary directories (mkdtemp) and some writers (safetensors
+    weights) make them private, and on a shared machine nobody else could read the output."""
+    mask = _umask()
+    for folder, _, files in os.walk(root):
+        os.chmod(folder, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o666 & ~mask)
+
+
+# ---- outputs --------------------------------------------------------------------------------------
+def check_parent(path: str | Path, flag: str) -> Path:
+    """``path`` as a Path; `LmcohError` if it cannot be created because an ancestor is a file."""
+    path = Path(path).expanduser()
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise LmcohError(f"{flag} {path}: {parent} is a file, not a directory")
+            break
+    return path
+
+
+def check_output(path: str | Path, overwrite: bool, flag: str, kind: str = "directory") -> Path:
+    """``path`` as a Path, refused (`LmcohError`, before any work) if it lies under a file, is not
+    a ``kind`` ("directory" or "file"), or already holds something and ``overwrite`` is off: the
+    line says what is there. An empty directory holds nothing."""
+    path = check_parent(path, flag)
+    if not path.exists():
+        return path
+    if kind == "directory" and not path.is_dir():
+        raise LmcohError(f"{flag} {path} is a file, not a directory")
+    if kind == "file" and path.is_dir():
+        raise LmcohError(f"{flag} {path} is a directory, not a file")
+    if overwrite:
+        return path
+    if path.is_dir():
+        names = sorted(p.name for p in path.iterdir())
+        if not names:
+            return path
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        there = f"already holds {shown}"
+    else:
+        from .tasks.budget import human
+
+        there = f"already exists ({human(path.stat().st_size)})"
+    raise LmcohError(f"{flag} {path} {there}; pass --overwrite to replace it, or choose another {flag}")
 
 
 @contextmanager
@@ -138,7 +194,10 @@ def exclusive(path: str | Path, what: str = "run"):
     from filelock import FileLock, Timeout
 
     path = Path(path).absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LmcohError(f"{path}: cannot create its directory ({first_line(err)})") from None
     lock_path = path.parent / f".{path.name}.lock"
     lock = FileLock(lock_path, timeout=0)
     try:

@@ -74,6 +74,14 @@ def tiny_gpt2(task, seed=0, vocab_size=300):
     return LoadedModel(model, tokenizer)
 
 
+@pytest.fixture
+def umask_002():
+    """The umask 002 for one test (a group-writable setup, unlike the usual 022 or mkdtemp's 077)."""
+    old = os.umask(0o002)
+    yield
+    os.umask(old)
+
+
 # ---- expensive models, built once per test run -------------------------------------------------
 def run_root(tmp_path_factory) -> Path:
     """The test run's temporary directory, the same for every xdist worker."""

@@ -24,7 +24,7 @@ def test_selftrain_section():
     assert out["episodes_per_round"] == 16 and out["processes"][1]["train_seconds"] > 0
 
 
-def test_main_writes_json(tmp_path, monkeypatch):
+def test_main_writes_json(tmp_path, monkeypatch, capsys):
     def tiny():
         """The exact section at depth 2."""
         return bench.bench_exact(depths=(2,), steps=1)
@@ -32,6 +32,15 @@ def test_main_writes_json(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "SECTIONS", {"exact": tiny})
     assert bench.main(["--exact", "--json", str(tmp_path / "b.json")]) == 0
     assert json.loads((tmp_path / "b.json").read_text())["exact"]["rows"][0]["states"] == 21
+    def failing():
+        """Not reached: the existing file is refused first."""
+        raise AssertionError("measured before the refusal")
+
+    monkeypatch.setattr(bench, "SECTIONS", {"exact": failing})
+    assert bench.main(["--exact", "--json", str(tmp_path / "b.json")]) == 2
+    assert "b.json already exists" in capsys.readouterr().err
+    monkeypatch.setattr(bench, "SECTIONS", {"exact": tiny})
+    assert bench.main(["--exact", "--json", str(tmp_path / "b.json"), "--overwrite"]) == 0
 
 
 def test_base_section():

@@ -78,7 +78,7 @@ def chat_model(tmp_path_factory, llama_tokenizer):
 
 def test_card_command_writes_its_files_once(chat_model, tmp_path, capsys):
     out = tmp_path / "card"
-    argv = ["card", chat_model, "--out", str(out), "--tasks", "lottery", "mountain_race", "--json"]
+    argv = ["card", chat_model, "--output_dir", str(out), "--tasks", "lottery", "mountain_race", "--json"]
     assert cli.main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
     written = json.loads((out / "card.json").read_text())
@@ -100,7 +100,7 @@ def test_smollm2s_card(smollm2_gguf, smollm2_dir, tmp_path, capsys):  # smollm2_
     """SmolLM2-135M-Instruct, zero-shot, Markov chat prompts: on the mountain race stating the goal
     lowers its success below its own (0.876 against 0.937) where exact conditioning of its own
     behaviour reaches 0.983; on the lottery the prompt lands within TV 0.01 of that conditioning."""
-    assert cli.main(["card", smollm2_gguf, "--out", str(tmp_path / "card"), "--tasks", "mountain_race", "lottery",
+    assert cli.main(["card", smollm2_gguf, "--output_dir", str(tmp_path / "card"), "--tasks", "mountain_race", "lottery",
                      "--json"]) == 0
     race, lottery = json.loads(capsys.readouterr().out)["tasks"]
     assert [race[k] for k in ("success_policy", "success_reference", "success_conditioned", "tv_to_conditioned")] \

@@ -71,7 +71,7 @@ def test_a_refused_start_is_one_line_on_every_process(tmp_path):
     for text in errors:
         lines = [x for x in text.strip().splitlines() if not x.startswith("[W")]  # torch's own warnings
         assert lines == [f"self_train: error: output_dir {out} is not empty and holds no self-training run; "
-                         "choose another --output_dir or pass --overwrite"], text
+                         "choose another --output_dir (--overwrite replaces only an earlier run)"], text
     assert "Connection closed by peer" not in run.stderr and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 

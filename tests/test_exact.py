@@ -327,3 +327,17 @@ def test_sequences_start_from_any_prior(mountain):
     # pi_1(up | start) = 0.8 * S(up) / (0.8 * S(up) + 0.2 * S(down)), S(up) = 0.3 (ridge: up w.p. 0.3)
     assert retrain[1][0][0] == pytest.approx(0.8 * 0.3 / (0.8 * 0.3 + 0.2 * 0.75))
     assert E.sequence(mountain, "retrain", 1)[1][0][0] == pytest.approx(2 / 5)
+
+
+def test_rounding_never_makes_a_kl_negative_or_a_probability_exceed_one():
+    """The study once printed kappa(G^256(p)) = -3.17e-55 on habit at delta 0.01, and gym:Taxi-v4 an
+    optimal success of 1.0000000000000002: a KL is clipped at 0, a probability kept within [0, 1]."""
+    from lmcoh.tasks.library import load_task
+
+    habit = load_task("habit")
+    pi = E.sequence(habit, "retrain", 256)[-1]
+    assert min(float(kl.min()) for kl in E.incoherence_terms(habit, pi, 0.01)) >= 0.0
+    assert E.incoherence(habit, pi, 0.01) >= 0.0
+    taxi = load_task("gym:Taxi-v4,horizon=20")
+    assert E.optimal_success(taxi) == 1.0 and 0.0 <= E.acceptance_rate(taxi, 2.0) <= 1.0
+    assert E.probability(1.0000000000000002) == 1.0 and E.probability(-1e-17) == 0.0

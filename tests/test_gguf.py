@@ -125,7 +125,7 @@ def test_every_command_takes_a_gguf_file(gpt2_gguf, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "needs a tokenizer with a chat template" in err and "\n" not in err
     assert main(["sample", str(Path(gpt2_gguf).parent), "--task", "mountain_race", "--format", "natural",
-                 "-n", "4", "--out", str(tmp_path / "episodes.jsonl")]) == 0
+                 "--episodes", "4", "--output_file", str(tmp_path / "episodes.jsonl")]) == 0
     assert len((tmp_path / "episodes.jsonl").read_text().splitlines()) == 4
     assert main(["show", "mountain_race", "--policy", f"model:{gpt2_gguf}", "--plot", str(tmp_path / "g.svg")]) == 0
     assert (tmp_path / "g.svg").stat().st_size > 0
@@ -134,8 +134,8 @@ def test_every_command_takes_a_gguf_file(gpt2_gguf, tmp_path, capsys):
 @pytest.mark.slow
 def test_pretrain_conditions_a_gguf_base(gpt2_gguf, tmp_path, capsys):
     out = tmp_path / "conditioned"
-    assert main(["pretrain", "mountain_race", "--base", gpt2_gguf, "--format", "natural", "--episodes", "8",
-                 "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+    assert main(["pretrain", "--task", "mountain_race", "--base", gpt2_gguf, "--format", "natural", "--pretrain_episodes", "8",
+                 "--pretrain_epochs", "1", "--output_dir", str(out), "--disable_tqdm"]) == 0
     meta = json.loads((out / "lmcoh.json").read_text())
     assert meta["format"] == "natural" and meta["pretrain"]["base"] == gpt2_gguf
     assert main(["evaluate", str(out), "--task", "mountain_race", "--json"]) == 0
@@ -165,7 +165,7 @@ def test_smollm2_zero_shot_coherence_on_the_mountain_race(smollm2_gguf, capsys):
     """`lmcoh evaluate SmolLM2.gguf --task mountain_race --format chat --goal-text ... --reference model`:
     stating the goal makes the model worse at the ridge, the state that decides the race: up with 0.51,
     where its own policy takes up with 0.77 and exact conditioning of that policy, G(p_M), with 1."""
-    assert main(["evaluate", smollm2_gguf, "--task", "mountain_race", "--format", "chat", "--goal-text",
+    assert main(["evaluate", smollm2_gguf, "--task", "mountain_race", "--format", "chat", "--goal_text",
                  "Reach the gold.", "--reference", "model", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["policy"]["ridge"]["up"] == pytest.approx(0.5114, abs=2e-3)

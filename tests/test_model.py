@@ -49,11 +49,13 @@ def test_new_llama_is_seeded(mountain):
     assert not torch.equal(a.model.embed_tokens.weight, c.model.embed_tokens.weight)
 
 
-def test_save_load_round_trip(mountain, tmp_path):
+def test_save_load_round_trip(mountain, tmp_path, umask_002):
     tok = build_tokenizer(mountain)
     model = new_llama(tok, hidden_size=32, num_heads=2).eval()
     out = save_model(model, tok, tmp_path / "m", {"kind": "test"})
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    # the user's umask, not mkdtemp's 0700 and safetensors' 0600: others on the machine can read the model
+    assert out.stat().st_mode & 0o777 == 0o775 and (out / "model.safetensors").stat().st_mode & 0o777 == 0o664
     assert json.loads((out / META_FILE).read_text())["kind"] == "test"
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary directory left behind
     loaded = load_model(str(out), device="cpu")

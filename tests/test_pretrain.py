@@ -87,20 +87,65 @@ def test_conditioning_a_foreign_model_trains_lora_and_the_new_rows_only(mountain
 @pytest.mark.slow
 def test_cli_pretrain(tmp_path, capsys):
     out = tmp_path / "prior"
-    assert main(["pretrain", "mountain_race", "--out", str(out), "--episodes", "32", "--epochs", "1",
-                 "--quiet"]) == 0
+    argv = ["pretrain", "--task", "mountain_race", "--output_dir", str(out), "--pretrain_episodes", "32",
+            "--pretrain_epochs", "1", "--disable_tqdm"]
+    assert main(argv) == 0
     assert load_model(str(out)).meta["task"]["name"] == "mountain_race"
+    weights = (out / "model.safetensors").read_bytes()
+    assert main([*argv, "--seed", "1"]) == 2  # nothing is lost: refused, before any work
+    assert "already holds config.json, generation_config.json, lmcoh.json and 3 more; pass --overwrite" \
+        in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == weights
+    assert main([*argv, "--seed", "1", "--overwrite"]) == 0
+    assert (out / "model.safetensors").read_bytes() != weights and load_model(str(out)).meta["pretrain"]["seed"] == 1
+
+
+def test_cli_pretrain_refuses_an_existing_model_before_any_work(mountain, tmp_path, capsys):
+    from lmcoh.lm.builtin import build_tokenizer, new_llama
+    from lmcoh.lm.loading import save_model
+
+    tok = build_tokenizer(mountain)
+    out = save_model(new_llama(tok, hidden_size=32, num_heads=2), tok, tmp_path / "prior", {"kind": "prior"})
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["pretrain", "mountain_race", "--out", str(out), "--episodes", "100000", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmcoh: error: --output_dir ") and "pass --overwrite to replace it" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the model is unchanged
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("keep me")
+    assert main(["pretrain", "mountain_race", "--out", str(tmp_path / "notes"), "--overwrite", "--quiet"]) == 2
+    assert "not a model directory; refusing to overwrite it" in capsys.readouterr().err  # --overwrite: models only
+    (tmp_path / "F").write_text("a file")
+    assert main(["pretrain", "mountain_race", "--out", str(tmp_path / "F" / "sub"), "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == f"lmcoh: error: --output_dir {tmp_path / 'F' / 'sub'}: " \
+                                              f"{tmp_path / 'F'} is a file, not a directory"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rate, why", [("1e6", "; the model gives every token the same probability)"),
+                                       ("1", ")")])
+def test_a_finite_blow_up_is_a_divergence_too(rate, why, tmp_path, capsys):
+    """1e6 leaves finite weights of ~3e6 and equal logits everywhere; 1 makes the loss rise from 5.6 to
+    about 15. Both are refused in one line, and nothing is written."""
+    out = tmp_path / "prior"
+    assert main(["pretrain", "--task", "mountain_race", "--output_dir", str(out), "--pretrain_episodes", "300",
+                 "--pretrain_epochs", "3", "--learning_rate", rate, "--disable_tqdm"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lmcoh: error: training diverged (the loss on its own examples went from 5.") and \
+        err.endswith(f"{why}; the learning rate is the likely cause: lower --learning_rate") and "\n" not in err, err
+    assert not out.exists()
 
 
 def test_cli_pretrain_bad_input(tmp_path, capsys):
     for args in (["random-tree:T=0"], ["mountain_race", "--base", str(tmp_path / "missing")],
-                 ["mountain_race", "--none-share", "1"], ["mountain_race", "--format", "chat"],
-                 ["mountain_race", "--goal-text", "Win the race."]):
+                 ["mountain_race", "--format", "chat"], ["mountain_race", "--goal-text", "Win the race."]):
         assert main(["pretrain", *args, "--out", str(tmp_path / "prior"), "--quiet"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("lmcoh: error: ") and "\n" not in err
-    with pytest.raises(SystemExit):
-        main(["pretrain", "mountain_race", "--out", str(tmp_path / "prior"), "--episodes", "0"])
+    for args in (["--episodes", "0"], ["--none-share", "1"]):
+        with pytest.raises(SystemExit) as info:
+            main(["pretrain", "mountain_race", "--out", str(tmp_path / "prior"), *args])
+        assert info.value.code == 2 and capsys.readouterr().err.endswith("(see lmcoh pretrain --help)\n")
     assert not (tmp_path / "prior").exists()
 
 
@@ -176,4 +221,4 @@ def test_cli_pretrain_base_in_the_chat_format_records_it(standins, tmp_path, cap
     assert result["format"] == "chat" and result["goal_text"] == "Reach the gold." and result["reference"] == "task"
     assert main(["pretrain", "mountain_race", "--base", standins["gpt2"], "--format", "chat",
                  "--out", str(tmp_path / "x"), "--quiet"]) == 2
-    assert "has none; use --format compact or natural" in capsys.readouterr().err
+    assert "has none; use --format compact or natural" in capsys.readouterr().err  # what gpt2 can write

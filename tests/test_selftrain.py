@@ -41,12 +41,14 @@ def test_config_file_then_flags(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--rounds", "x"], "argument --rounds: invalid int value: 'x'"),
     (["--rounds", "-1"], "rounds must be >= 0, got -1"),
-    (["--mode", "best"], "argument --mode: invalid choice: 'best'"),
-    (["--prompt", "full"], "argument --prompt: invalid choice: 'full'"),
+    (["--mode", "best"], "argument --mode: invalid choice 'best' (choose from filter, label) (see --help)"),
+    (["--mode", "labels"], "argument --mode: invalid choice 'labels' (choose from filter, label); did you mean label?"),
+    (["--prompt", "full"], "argument --prompt: invalid choice 'full' (choose from history, markov) (see --help)"),
     (["--episodes_per_round", "0"], "episodes_per_round must be >= 1, got 0"),
     (["--delta", "0"], "delta must be positive, got 0.0"),
     (["--learning_rat", "1"], "unknown flag --learning_rat; did you mean --learning_rate?"),
-    (["--lr_scheduler_type", "wavy"], "invalid choice: 'wavy' (choose from 'linear', 'cosine'"),
+    (["--lr_scheduler_type", "wavy"], "invalid choice 'wavy' (choose from linear, cosine"),
+    (["--learning-rate", "x"], "argument --learning_rate: invalid float value: 'x' (see --help)"),
 ])
 def test_bad_flags_fail_in_one_line(argv, message):
     with pytest.raises(RunError) as err:
@@ -111,9 +113,9 @@ def test_recipe_reports_bad_values_in_one_line(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "recipes" / "self_train.py"), "--task", "mountain_race",
                           "--mode", "best", "--output_dir", str(tmp_path / "out")],
                          capture_output=True, text=True, cwd=ROOT, env=recipe_env())
-    assert run.returncode != 0
-    assert run.stderr.strip() == ("self_train: error: argument --mode: invalid choice: 'best' "
-                                  "(choose from 'filter', 'label')")
+    assert run.returncode == 2
+    assert run.stderr.strip() == ("self_train: error: argument --mode: invalid choice 'best' "
+                                  "(choose from filter, label) (see --help)")
     assert not (tmp_path / "out").exists()
 
 
@@ -314,15 +316,22 @@ def test_killed_run_resumes_to_the_uninterrupted_metrics(tmp_path):
 
 @pytest.mark.slow
 def test_trainer_settings_reach_the_run(tmp_path):
-    """Gradient accumulation, a cosine schedule and TensorBoard: recorded in config.yaml and used."""
+    """A handful of honoured trainer and adapter settings (gradient accumulation, a cosine schedule, Adafactor,
+    weight decay, gradient clipping, rsLoRA, TensorBoard): recorded in config.yaml and used."""
     task = load_task("mountain_race")
     out = self_train("--task", "mountain_race", "--model_name_or_path", _tiny_model_dir(task, tmp_path / "model"),
                      "--rounds", 1, "--episodes_per_round", 64, "--gradient_accumulation_steps", 2,
-                     "--lr_scheduler_type", "cosine", "--report_to", "tensorboard", "--output_dir", tmp_path / "run")
+                     "--lr_scheduler_type", "cosine", "--optim", "adafactor", "--weight_decay", "0.01",
+                     "--max_grad_norm", "0.5", "--use_rslora", "true", "--report_to", "tensorboard",
+                     "--output_dir", tmp_path / "run")
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["gradient_accumulation_steps"] == 2 and config["lr_scheduler_type"] == "cosine"
+    assert config["optim"] == "adafactor" and config["use_rslora"] is True
+    adapter = json.loads((out / "rounds" / "1" / "model" / "adapter_config.json").read_text())
+    assert adapter["use_rslora"] is True
     assert config["report_to"] == ["tensorboard"]
-    assert list((out / "tensorboard" / "round_1").glob("events.out.tfevents.*"))
+    assert list((out / "tensorboard" / "round_1").glob("events.out.tfevents.*"))  # the Trainer's, of round 1
+    assert list((out / "tensorboard" / "metrics").glob("events.out.tfevents.*"))  # the run's, a step per round
     assert not (out / "trainer").exists()
 
 
@@ -373,5 +382,28 @@ def test_format_and_goal_text_flags():
     args, _, _ = recipe_args("--format", "natural", "--goal_text", "Reach the gold.")
     assert args.format == "natural" and args.goal_text == "Reach the gold."
     assert recipe_args()[0].format == "" and recipe_args()[0].goal_text is None  # the model's own
-    with pytest.raises(RunError, match="argument --format: invalid choice: 'prose'"):
+    with pytest.raises(RunError, match="argument --format: invalid choice 'prose'"):
         recipe_args("--format", "prose")
+
+
+def test_round_metrics_reach_every_integration_as_one_run_with_a_step_per_round(tmp_path):
+    """--report_to tensorboard: the run's own numbers, one step per round, in one TensorBoard run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lmcoh.runs.selftrain import Integrations
+
+    _, sft, _ = recipe_args("--report_to", "tensorboard", "--output_dir", tmp_path / "run")
+    logs = Integrations(sft, tmp_path / "tb")
+    for k, success in enumerate([0.625, 0.85, 0.875]):
+        logs.log(k, {"round": k, "success": success, "target_success": 0.85, "tv_to_target": 0.01 * k,
+                     "incoherence": "inf", "incoherence_finite_part": 0.25 * k, "success_ci": None})
+    logs.close()
+    (event_file,) = (tmp_path / "tb").iterdir()
+    scalars = EventAccumulator(str(event_file)).Reload()
+    assert [(e.step, e.value) for e in scalars.Scalars("eval/success")] == [(0, 0.625), (1, pytest.approx(0.85)),
+                                                                             (2, 0.875)]
+    assert [e.value for e in scalars.Scalars("eval/incoherence_finite_part")] == [0.0, 0.25, 0.5]
+    assert set(scalars.Tags()["scalars"]) == {"eval/success", "eval/target_success", "eval/tv_to_target",
+                                              "eval/incoherence_finite_part"}  # inf and None left out
+    _, quiet, _ = recipe_args("--output_dir", tmp_path / "run")
+    assert Integrations(quiet, tmp_path / "none").callbacks == [] and not (tmp_path / "none").exists()

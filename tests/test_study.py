@@ -10,6 +10,7 @@ from lmcoh.oracle import exact
 from lmcoh.study import claims as study
 from lmcoh.study import report as study_report
 from lmcoh.cli import main
+from lmcoh.errors import LmcohError
 from lmcoh.io import jsonable
 from lmcoh.tasks.generators import random_tree
 from lmcoh.tasks.library import load_task
@@ -145,7 +146,7 @@ def test_selftrain_runs_verdict(tmp_path):
     assert rows[1]["exact increment"] == pytest.approx(0.2)
 
 
-def test_report_has_the_paper_numbers_and_is_written_atomically(tmp_path, tasks):
+def test_report_has_the_paper_numbers_and_is_written_atomically(tmp_path, tasks, umask_002):
     sections = [study.paper_examples(tasks["mountain_race"]),
                 study.horizon_correlation(study.random_mdps(6, seed=1)),
                 study.stochastic_divergence(tasks["stochastic_example"], tasks["lottery"], [], steps=2)]
@@ -158,13 +159,17 @@ def test_report_has_the_paper_numbers_and_is_written_atomically(tmp_path, tasks)
     assert json.loads((out / "study.json").read_text())["sections"][0]["verdict"] == study.HOLDS
     assert (out / "section5_scatter.png").stat().st_size > 1000
     assert (out / "mountain_race.png").stat().st_size > 1000 and "(mountain_race.png)" in text
-    study_report.write(result, out)  # an earlier study is replaced
+    with pytest.raises(LmcohError, match="already holds mountain_race.png, report.md, section5_scatter.png and 1 more; "
+                                         "pass --overwrite"):
+        study_report.write(result, out)
+    study_report.write(result, out, overwrite=True)  # an earlier study is replaced
     assert sorted(p.name for p in tmp_path.iterdir()) == ["study"]
+    assert out.stat().st_mode & 0o777 == 0o775 and (out / "report.md").stat().st_mode & 0o777 == 0o664  # the umask
     other = tmp_path / "other"
     other.mkdir()
     (other / "keep.txt").write_text("x")
-    with pytest.raises(study.TaskError):
-        study_report.write(result, other)
+    with pytest.raises(study.TaskError, match="holds something other than an earlier study"):
+        study_report.write(result, other, overwrite=True)
 
 
 def test_cli_bad_run_dir_is_one_line(tmp_path, capsys):
@@ -172,3 +177,13 @@ def test_cli_bad_run_dir_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("lmcoh: error:") and "metrics.jsonl" in err and "\n" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_theorem_5_9_holds_with_a_random_start_over_deterministic_moves():
+    """gym:Taxi-v4 starts at random, every move is deterministic: it joins the deterministic family, and there
+    retraining equals temperature exactly (policies are per state; each start's episodes reweight on their own)."""
+    taxi = load_task("gym:Taxi-v4,horizon=20")
+    assert taxi.deterministic and taxi.random_start and taxi.uniform_prior
+    sec = study.fold_equalities([study.Family("taxi", True, [taxi])], steps=3)
+    assert sec["checks"][0]["verdict"] == study.HOLDS and sec["rows"][0]["dynamics"] == "deterministic"
+    assert sec["rows"][0]["retrain vs temperature"] < 1e-12

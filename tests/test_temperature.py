@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, recipe, recipe_args, recipe_env
-from lmcoh.errors import RunError
+from lmcoh.errors import LmcohError, RunError
 from lmcoh.oracle import exact
 from lmcoh.oracle.exact import acceptance_rate
 from lmcoh.report.temperature import write_outputs
@@ -177,8 +177,13 @@ def test_check_comparison_refuses_in_one_line(tmp_path):
         check_comparison(args, str(tmp_path / "a"), task)
     assert "\n" not in str(err.value)
     args, _, _ = temperature_args()
-    with pytest.raises(RunError, match="exists; pass --overwrite"):
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(LmcohError, match="already holds notes.txt; pass --overwrite"):
         check_comparison(args, str(tmp_path), task)
+    args, _, _ = temperature_args("--overwrite")
+    with pytest.raises(RunError, match="holds something other than an earlier comparison"):
+        check_comparison(args, str(tmp_path), task)  # --overwrite replaces only an earlier comparison
+    args, _, _ = temperature_args()
     args, _, _ = temperature_args("--selftrain_dir", tmp_path)
     with pytest.raises(RunError, match="holds no complete self-training round"):
         check_comparison(args, str(tmp_path / "b"), task)

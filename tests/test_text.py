@@ -60,7 +60,7 @@ def test_bad_layouts_fail_in_one_line(mountain, gpt2_tokenizer):
                         (lambda: Layout(mode="full"), "unknown prompt mode"),
                         (lambda: Layout(goal_text="  "), "goal text must be one line"),
                         (lambda: Layout(goal_text="win <now>"), "goal text must be one line"),
-                        (lambda: Writer(mountain, Layout("chat"), gpt2_tokenizer), "has none; use --format"),
+                        (lambda: Writer(mountain, Layout("chat"), gpt2_tokenizer), "with a chat template, and this one has none$"),
                         (lambda: Writer(mountain, Layout("chat")), "chat template")]:
         with pytest.raises(ModelError, match=match) as info:
             call()

@@ -82,3 +82,56 @@ def test_trl_fused_head_needs_the_wrappers_bias(gpt2_tokenizer, mountain, tmp_pa
     expose_head_bias(lm.model)
     assert lm.model.get_output_embeddings().bias is None
     SFTTrainer(model=lm.model, args=args, train_dataset=data, processing_class=lm.tokenizer).train()
+
+
+def test_the_divergence_rule_catches_finite_blow_ups(mountain):
+    """Equal logits everywhere (what --learning_rate 1e6 leaves), or a probe loss risen past max(2 x, + 0.1)
+    of where training started, is a divergence; a loss that stays or falls is not."""
+    from conftest import tiny_llama
+    from lmcoh.errors import DivergenceError
+    from lmcoh.lm.training import Divergence, probe_loss
+
+    lm = tiny_llama(mountain)
+    probe = episode_examples(lm.tokenizer, mountain, Layout(), [("success", e) for e in
+                                                               sample_outcome_balanced(mountain, 8, np.random.default_rng(0))])
+    loss, spread = probe_loss(lm.model, probe)
+    assert spread > 0.01 and loss > 0
+    watch = Divergence(lm.model, probe)
+    for before in (loss, loss + 1.0, loss / 1.9):
+        watch.before = before
+        watch.check(1.0, None)  # stayed, fell, or rose by less than the rule allows
+    watch.before = (loss - 0.05) / 2
+    with pytest.raises(DivergenceError, match=rf"went from {watch.before:.4g} to {loss:.4g}\)$"):
+        watch.check(1.0, None)
+    with torch.no_grad():
+        lm.model.lm_head.weight.zero_()  # every token the same logit
+    assert probe_loss(lm.model, probe) == (pytest.approx(np.log(len(lm.tokenizer))), 0.0)
+    watch.before = 10.0
+    with pytest.raises(DivergenceError, match="the model gives every token the same probability"):
+        watch.check(1.0, None)
+
+
+@pytest.mark.parametrize("flags, n, message", [
+    (["--dataloader_drop_last", "true"], 63, "63 examples make no batch of 64 per process"),
+    (["--lr_scheduler_type", "polynomial", "--num_train_epochs", "1"], 32,
+     r"the polynomial schedule's warmup \(1 steps\) takes every optimiser step \(1\)"),
+    (["--lr_scheduler_type", "polynomial", "--num_train_epochs", "1", "--warmup_steps", "0"], 32, None),
+    (["--lr_scheduler_type", "polynomial"], 64, None),  # 2 steps, 1 of warmup
+    (["--dataloader_drop_last", "true"], 64, None),
+    (["--max_length", "12"], 8, "max_length 12 would cut episodes of up to 14 tokens; lmcoh trains on whole"),
+    (["--max_length", "14"], 8, None),
+])
+def test_settings_a_round_cannot_train_are_one_line(flags, n, message):
+    """What TRL or transformers find only mid-run (an empty dataset or dataloader, a division by zero)
+    is found first."""
+    from conftest import recipe_args
+    from lmcoh.errors import ModelError
+    from lmcoh.lm.training import check_examples
+
+    _, sft, _ = recipe_args(*flags)
+    examples = [([1] * (10 + i % 5), [0] * 5 + [1] * (5 + i % 5)) for i in range(n)]
+    if message is None:
+        check_examples(sft, examples)
+    else:
+        with pytest.raises(ModelError, match=message):
+            check_examples(sft, examples)

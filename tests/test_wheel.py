@@ -44,11 +44,16 @@ def test_a_wheel_install_works_outside_the_repository(installed):
     where = subprocess.run([sys.executable, "-c", "import lmcoh; print(lmcoh.__file__)"], capture_output=True,
                            text=True, cwd=installed, env={**os.environ, "PYTHONPATH": str(installed / "site")})
     assert where.stdout.startswith(str(installed / "site"))
+    import lmcoh
+
+    version = _lmcoh(installed, "--version")  # one version: the wheel's metadata reads lmcoh.__version__
+    assert version.stdout == f"lmcoh {lmcoh.__version__}\n"
+    assert [p.name for p in (installed / "dist").glob("*.whl")] == [f"lmcoh-{lmcoh.__version__}-py3-none-any.whl"]
     tasks = _lmcoh(installed, "tasks")
     assert tasks.returncode == 0 and "mountain_race" in tasks.stdout and "slippery_grid" in tasks.stdout
     exact = _lmcoh(installed, "exact", "mountain_race", "--json", "--steps", "1")
     assert exact.returncode == 0, exact.stderr
-    study = _lmcoh(installed, "study", "--quick", "--out", "study")
+    study = _lmcoh(installed, "study", "--quick", "--output_dir", "study")
     assert study.returncode == 0, study.stderr[-2000:]
     assert (installed / "work" / "study" / "study.json").is_file()
     code = ("from lmcoh.runs import temperature; from lmcoh.tasks.library import load_task; "

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ModelError, first_line
 from .loading import LoadedModel
 from .text import MARKERS
 
 
 def add_lora(model, config):
-    """Wrap ``model`` in a trainable adapter made by ``config`` (a peft `LoraConfig`)."""
+    """Wrap ``model`` in a trainable adapter made by ``config`` (a peft `LoraConfig`); an adapter
+    that does not fit the model (target modules or parameters it lacks) is one `ModelError` line."""
     from peft import get_peft_model
 
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise ModelError(f"the LoRA adapter does not fit the model: {first_line(err)}") from None
 
 
 def add_markers(loaded: LoadedModel, seed: int = 0) -> list[int]:

@@ -10,6 +10,7 @@ and for ``lmcoh pretrain``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +55,12 @@ class _PolicyTrainer:
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": (
         "lmcoh: off (every trainable weight takes part in every step).")})
 
+    def _check_launch(self) -> None:
+        """A multi-process setting refused on one process, where transformers fails obscurely."""
+        if self.ddp_backend and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            raise RunError(f"ddp_backend {self.ddp_backend} is for a launch of several processes (torchrun, "
+                           "accelerate launch); this is one process")
+
     def _lmcoh_defaults(self, world: int) -> None:
         """bf16 where the default is unset; the per-device batch from the global one over ``world`` processes."""
         if self.bf16 is None:
@@ -90,6 +97,7 @@ class PolicySFTConfig(_PolicyTrainer, SFTConfig):
     def __post_init__(self):
         if self.bf16 is None:
             self.bf16 = bf16_available()
+        self._check_launch()
         super().__post_init__()
         self._lmcoh_defaults(self.world_size)
 
@@ -130,9 +138,8 @@ class PolicyGRPOConfig(_PolicyTrainer, GRPOConfig):
     logging_steps: float = field(default=10, metadata={"help": "Log every X update steps."})
 
     def __post_init__(self):
-        import os
-
         world = int(os.environ.get("WORLD_SIZE", "1"))  # GRPOConfig derives its generation batch from these
+        self._check_launch()
         self._lmcoh_defaults(world)
         if self.num_generations is None:
             self.num_generations = self.per_device_train_batch_size * world * self.gradient_accumulation_steps

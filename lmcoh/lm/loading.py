@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -33,7 +33,7 @@ from ..errors import ModelError, first_line
 from ..io import replace_dir, write_json
 from ..tasks.task import Task
 from .gguf import cached_model_dir
-from .text import Layout, Writer
+from .text import FORMATS, Layout, Writer
 
 # peft reads transformers' deprecated `is_gradient_checkpointing`: their warning, not the user's.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
@@ -304,6 +304,23 @@ def check_task_fits(loaded: LoadedModel, task: Task, layout: Layout = Layout()) 
                              f"from task {task.name!r}; pretrain a model for this task (lmcoh pretrain)")
 
 
+def check_layout(loaded: LoadedModel, task: Task, layout: Layout) -> None:
+    """`check_task_fits`; a refusal ends with the formats this model can write the task in, if any."""
+    try:
+        check_task_fits(loaded, task, layout)
+    except ModelError as err:
+        others = [f for f in FORMATS if f != layout.format and _fits(loaded, task, replace(layout, format=f))]
+        raise ModelError(f"{err}; use --format {' or '.join(others)}" if others else str(err)) from None
+
+
+def _fits(loaded: LoadedModel, task: Task, layout: Layout) -> bool:
+    try:
+        check_task_fits(loaded, task, layout)
+    except ModelError:
+        return False
+    return True
+
+
 def open_for_task(ref: str, task: Task, *, adapter: str | None = None, format: str | None = None,
                   prompt: str | None = None, goal_text: str | None = None, weights: bool = True,
                   **load_kwargs) -> tuple[LoadedModel, Layout]:
@@ -312,5 +329,5 @@ def open_for_task(ref: str, task: Task, *, adapter: str | None = None, format: s
     ``weights`` only the tokenizer is loaded: a cheap check before any work."""
     loaded = load_model(ref, adapter=adapter, **load_kwargs) if weights else load_tokenizer(ref)
     layout = model_layout(loaded.meta, format, prompt, goal_text)
-    check_task_fits(loaded, task, layout)
+    check_layout(loaded, task, layout)
     return loaded, layout

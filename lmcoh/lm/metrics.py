@@ -55,10 +55,9 @@ def token_terms(tokens: list[tuple[int, ...]], p: np.ndarray, pd: np.ndarray) ->
                 continue  # one way on: the conditional is 1 under both, the term is 0
             total_p = sum(m[0] for m in node.values())
             total_d = sum(m[1] for m in node.values())
-            for cp, cd in node.values():
-                if cp > 0:
-                    terms[j] += (cp * (math.log(cp / total_p) - math.log(cd / total_d))
-                                 if cd > 0 else math.inf)
+            kl = sum((cp * (math.log(cp / total_p) - math.log(cd / total_d)) if cd > 0 else math.inf)
+                     for cp, cd in node.values() if cp > 0)
+            terms[j] += max(kl, 0.0)  # a KL: float rounding must not make it negative
     return terms
 
 

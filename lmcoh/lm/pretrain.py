@@ -40,7 +40,7 @@ from ..tasks.episodes import sample_outcome_balanced, sample_prior_episodes
 from ..tasks.task import Task
 from .text import Layout
 
-# Named model sizes (`lmcoh pretrain --model-size`, arguments of `lmcoh.model.new_llama`). A wide
+# Named model sizes (`lmcoh pretrain --model_size`, arguments of `lmcoh.model.new_llama`). A wide
 # initialisation helps the tiny model pick up the goal token a dozen tokens back; "tiny" is tested.
 MODEL_SIZES = {
     "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "initializer_range": 0.2},
@@ -117,7 +117,7 @@ def _pretrain(task: Task, out: Path, config: PretrainConfig, base: str | None, f
 
     from .adapters import add_lora, add_markers, lora_config
     from .builtin import build_tokenizer, new_llama
-    from .loading import check_task_fits, load_model, model_layout, save_model
+    from .loading import check_layout, load_model, model_layout, save_model
     from .configs import PolicySFTConfig
     from .training import episode_examples, is_main_process, train_sft
 
@@ -126,7 +126,7 @@ def _pretrain(task: Task, out: Path, config: PretrainConfig, base: str | None, f
         loaded = load_model(base, device="cpu")
         layout = model_layout(loaded.meta, format, "history", goal_text)
         new_tokens = add_markers(loaded)
-        check_task_fits(loaded, task, layout)
+        check_layout(loaded, task, layout)
         tokenizer, meta = loaded.tokenizer, dict(loaded.meta)
         meta.pop("adapter", None)
         for module in loaded.model.modules():  # dropout in the frozen layers only adds noise to the adapter's

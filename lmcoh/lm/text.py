@@ -90,8 +90,7 @@ class Writer:
         self._render = None
         if layout.format == "chat":
             if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-                raise ModelError("the chat format needs a tokenizer with a chat template, and this one has none; "
-                                 "use --format compact or natural")
+                raise ModelError("the chat format needs a tokenizer with a chat template, and this one has none")
             self._render = tokenizer.apply_chat_template
         self._chat_cache: dict = {}
 
@@ -128,7 +127,7 @@ class Writer:
             whole = self._chat(after, after_reply)
             if not whole.startswith(head):
                 raise ModelError("the chat template does not render a conversation turn by turn (an earlier "
-                                 "render is not a prefix of a later one); use --format compact or natural")
+                                 "render is not a prefix of a later one)")
             self._chat_cache[key] = whole[len(head):]
         return self._chat_cache[key]
 

@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .. import faults
-from ..errors import DivergenceError
+from ..errors import DivergenceError, ModelError, first_line
 from ..io import dumps
 
 
@@ -63,6 +63,7 @@ def train_sft(model, tokenizer, examples: list[tuple[list[int], list[int]]], arg
     import datasets
     from trl import SFTTrainer
 
+    check_examples(args, examples)
     data = datasets.Dataset.from_dict({"input_ids": [ids for ids, _ in examples],
                                        "completion_mask": [mask for _, mask in examples]})
     expose_head_bias(model)
@@ -70,10 +71,12 @@ def train_sft(model, tokenizer, examples: list[tuple[list[int], list[int]]], arg
     datasets.disable_progress_bars()
     try:
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    except ValueError as err:  # TRL's checks of the settings against this model (router_aux_loss_coef, pad_token, ...)
+        raise ModelError(f"the trainer refuses these settings for this model: {first_line(err)}") from None
     finally:
         if was_on:
             datasets.enable_progress_bars()
-    watch = Divergence(model)
+    watch = Divergence(model, examples[:Divergence.PROBE])
     trainer.add_callback(watch)
     if average_last > 0:
         trainer.add_callback(TailAverage(model, average_last))
@@ -92,6 +95,29 @@ def route_logs(trainer, log_file: str | Path | None) -> None:
         trainer.add_callback(_QuietProgress())   # the bar, without the log dicts it writes under it
     if log_file is not None:
         trainer.add_callback(_LogFile(log_file))
+
+
+def check_examples(args, examples: list[tuple[list[int], list[int]]]) -> None:
+    """`ModelError` for trainer settings that cannot train on ``examples``, which TRL or
+    transformers would find only mid-run: a ``max_length`` that cuts episodes (an episode is
+    trained whole, and TRL drops what is left without an action), no batch at all under
+    ``dataloader_drop_last``, or a polynomial schedule whose warmup takes every optimiser step
+    (it divides by the steps left)."""
+    longest = max((len(ids) for ids, _ in examples), default=0)
+    if args.max_length is not None and args.max_length < longest:
+        raise ModelError(f"max_length {args.max_length} would cut episodes of up to {longest} tokens; lmcoh trains "
+                         "on whole episodes: raise max_length or leave it unset")
+    n = len(examples)
+    rows, batch = math.ceil(n / max(args.world_size, 1)), args.per_device_train_batch_size  # per process
+    batches = rows // batch if args.dataloader_drop_last else math.ceil(rows / batch)
+    if batches == 0:
+        raise ModelError(f"{n} examples make no batch of {batch} per process, and dataloader_drop_last drops the rest")
+    steps = args.max_steps if args.max_steps > 0 else \
+        math.ceil(args.num_train_epochs * math.ceil(batches / args.gradient_accumulation_steps))
+    warmup = args.get_warmup_steps(steps)
+    if getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type) == "polynomial" and warmup >= steps:
+        raise ModelError(f"the polynomial schedule's warmup ({warmup} steps) takes every optimiser step ({steps}); "
+                         "lower warmup_steps or train more steps")
 
 
 class _QuietProgress(ProgressCallback):
@@ -118,14 +144,30 @@ class _LogFile(TrainerCallback):
 
 
 class Divergence(TrainerCallback):
-    """Stop training at the first step that leaves a trainable weight non-finite (a NaN or inf
-    loss does that through its gradient); `check` then fails in one line, so a diverged model
-    is never sampled from or saved. The trainable weights are an adapter's or a small model's:
-    checking them every step costs little."""
+    """Training that diverged, found before its model is sampled from or saved: `check` then fails
+    in one line (`DivergenceError`).
 
-    def __init__(self, model):
+    The rule. Training diverged when a trainable weight turns non-finite (training stops at that
+    step; a NaN or inf loss does that through its gradient), or when the trained model, on a probe
+    of its own training examples (the first `PROBE`), has a loss per action token that is not
+    finite or has risen past max(2 x, + 0.1) of where training started, or gives every token the
+    same logit (a collapsed network: the uniform guess over the vocabulary, whatever the text).
+    Finite blow-ups count: ``lmcoh pretrain --learning_rate 1e6`` leaves weights of 3e6 and equal
+    logits everywhere, and at 1 the loss rises from 5.6 to 15. The trainable weights are an
+    adapter's or a small model's: checking them every step costs little; the probe is two forward
+    passes."""
+
+    PROBE = 32
+
+    def __init__(self, model, probe: list[tuple[list[int], list[int]]]):
+        self.model, self.probe = model, probe
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.step: int | None = None
+        self.before: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.probe and not (args.fsdp or args.deepspeed):  # sharded weights: the probe cannot run the model
+            self.before = probe_loss(self.model, self.probe)[0]
 
     def _finite(self) -> bool:
         with torch.no_grad():
@@ -138,10 +180,48 @@ class Divergence(TrainerCallback):
             control.should_training_stop = True
 
     def check(self, train_loss: float, args) -> None:
-        if self.step is None and math.isfinite(train_loss) and self._finite():
+        if self.step is not None or not self._finite():
+            where = f"after step {self.step}" if self.step is not None else "at the end"
+            raise DivergenceError(f"training diverged (non-finite weights {where})")
+        if not math.isfinite(train_loss):
+            raise DivergenceError("training diverged (non-finite loss)")
+        if self.before is None:
             return
-        where = f"non-finite weights after step {self.step}" if self.step is not None else "non-finite loss"
-        raise DivergenceError(f"training diverged ({where})")
+        after, spread = probe_loss(self.model, self.probe)
+        went = f"the loss on its own examples went from {self.before:.4g} to {after:.4g}"
+        if spread <= 1e-4:
+            raise DivergenceError(f"training diverged ({went}; the model gives every token the same probability)")
+        if not math.isfinite(after) or after > max(2 * self.before, self.before + 0.1):
+            raise DivergenceError(f"training diverged ({went})")
+
+
+def probe_loss(model, examples: list[tuple[list[int], list[int]]], batch: int = 4) -> tuple[float, float]:
+    """(mean loss per masked token of ``model`` on ``examples``, the largest spread of its logits at
+    those tokens: 0 when the model gives every token the same probability), without gradients."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count, spread = 0.0, 0, 0.0
+    with torch.no_grad():
+        for i in range(0, len(examples), batch):
+            rows = examples[i:i + batch]
+            width = max(len(ids) for ids, _ in rows)
+            ids = torch.zeros(len(rows), width, dtype=torch.long)
+            labels = torch.full_like(ids, -100)
+            attention = torch.zeros_like(ids)
+            for r, (x, mask) in enumerate(rows):
+                x = torch.tensor(x)
+                ids[r, :len(x)], attention[r, :len(x)] = x, 1
+                labels[r, :len(x)] = torch.where(torch.tensor(mask, dtype=torch.bool), x, -100)
+            logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits[:, :-1].float()
+            logits, targets = logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(device)
+            total += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+            count += int((targets != -100).sum())
+            scored = logits[targets != -100]
+            if len(scored):
+                spread = max(spread, float((scored.max(-1).values - scored.min(-1).values).max()))
+    model.train(was_training)
+    return total / max(count, 1), spread
 def expose_head_bias(model) -> None:
     """Let TRL's fused loss read the output layer's bias through peft's trainable-token wrapper.
 

@@ -248,7 +248,12 @@ def _success_from_values(task: Task, V: list[np.ndarray]) -> float:
     layer0 = task.layers[0]
     s = float(np.sum(task.start_prob[layer0.states] * np.exp(V[0])))
     term = task.terminal & (task.start_prob > 0)
-    return s + float(np.sum(task.start_prob[term] * np.exp(task.terminal_logq[term])))
+    return probability(s + float(np.sum(task.start_prob[term] * np.exp(task.terminal_logq[term]))))
+
+
+def probability(x: float) -> float:
+    """``x`` kept within [0, 1], where float rounding of a sum of probabilities overshoots (1.0000000000000002)."""
+    return min(1.0, max(0.0, x))
 
 
 def optimal_values(task: Task) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -283,13 +288,14 @@ def acceptance_rate(task: Task, alpha: float) -> float:
     layer0 = task.layers[0]
     rate = float(np.sum(task.start_prob[layer0.states] * np.exp(V[0])))
     ends = task.terminal & (task.start_prob > 0)
-    return rate + float(np.sum(task.start_prob[ends] * np.exp(_scaled(task.terminal_logq[ends], alpha))))
+    return probability(rate + float(np.sum(task.start_prob[ends] * np.exp(_scaled(task.terminal_logq[ends], alpha)))))
 
 
 # ---- incoherence -------------------------------------------------------------------------------
 def incoherence_terms(task: Task, policy: Policy, delta: float = 1.0,
                       Q: list[np.ndarray] | None = None) -> list[np.ndarray]:
-    """KL(pi(.|s) || pi^delta(.|s)) for every (step, reachable state); +inf where infinite."""
+    """KL(pi(.|s) || pi^delta(.|s)) for every (step, reachable state); +inf where infinite, and
+    never below 0 (float rounding of a vanishing KL gives values such as -3e-55)."""
     Q = soft_values(task, policy)[0] if Q is None else Q
     out = []
     for p, q, layer in zip(policy, Q, task.layers):
@@ -299,7 +305,7 @@ def incoherence_terms(task: Task, policy: Policy, delta: float = 1.0,
         with np.errstate(divide="ignore", invalid="ignore"):
             log_pd = np.where(np.isfinite(lz), z - lz, np.log(p))
             terms = np.where(p > 0, p * (np.log(p) - log_pd), 0.0)
-        out.append(layer.by_state.sum(terms))
+        out.append(np.maximum(layer.by_state.sum(terms), 0.0))
     return out
 
 
@@ -335,7 +341,7 @@ def tv_distance(task: Task, policy: Policy, other: Policy,
         tv = 0.5 * layer.by_state.sum(np.abs(policy[t] - other[t]))
         num += float(np.dot(occ[t], tv))
         den += float(occ[t].sum())
-    return num / den if den > 0 else 0.0
+    return probability(num / den) if den > 0 else 0.0
 
 
 def policy_table(task: Task, policy: Policy) -> dict[str, dict[str, float]]:
@@ -422,7 +428,7 @@ def analyse(task: Task, steps: int = 4, delta: float = 1.0, policies: bool = Tru
         try:
             for k, pi, s in summarised_sequence(task, kind, steps, delta, epsilon):
                 entry = {"k": k, "success": s["success"], "return": s["return"],
-                         "incoherence": s["incoherence"],
+                         "incoherence": s["incoherence"], "incoherence_finite_part": s["incoherence_finite_part"],
                          "causal_entropy": s["causal_entropy"]}
                 entry.update({key: s[key] for key in ("beta", "objective") if key in s})
                 if "histories" in s:

@@ -10,12 +10,10 @@ the prompted model (diamond) and the optimum (bar). On the right, distance: TV(p
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from ..errors import LmcohError
 from ..io import number, replace_dir, write_json, write_text
 from .plots import pyplot, save
 from .tables import fmt, markdown_table
@@ -26,25 +24,10 @@ COLOURS = {"reference": "#7f7f7f", "conditioned": "#2ca02c", "policy": "#1f77b4"
            "tv_conditioned": "#d62728"}
 
 
-def check_out(out: str | Path, overwrite: bool) -> Path:
-    """``out`` as a Path, refused (one line) when it exists and ``overwrite`` is not given."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise LmcohError(f"{out} exists; choose another --out or pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise LmcohError(f"{out} exists and is not a directory")
-    if not out.parent.is_dir():
-        raise LmcohError(f"{out}: no such directory {str(out.parent)!r}")
-    return out
-
-
 def write(out: str | Path, card: dict) -> Path:
     """Write ``out``/card.json, card.md and card.png; ``out`` appears whole or not at all."""
     out = Path(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # a directory as mkdir makes it (mkdtemp's is private)
     try:
         write_json(tmp / "card.json", card, indent=1)
         plot(tmp / "card.png", card)

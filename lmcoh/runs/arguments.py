@@ -14,14 +14,15 @@ value) ends as one line and exit status 2.
 from __future__ import annotations
 
 import argparse
-import difflib
+import json
 import math
 import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import LmcohError, RunError
+from ..errors import LmcohError, RunError, first_line
+from ..flags import OneSpelling, Suggestions, closest, one_line_name
 from ..lm.pretrain import DEFAULTS
 from ..lm.text import FORMATS, PROMPT_MODES
 from ..oracle import klrl
@@ -178,7 +179,8 @@ LOOP_OVERRIDES = {
                   "the round's model is saved to OUTPUT_DIR/rounds/K/model)",
     "seed": "derived from (seed, K), so every round draws fresh but reproducible randomness",
     "data_seed": "the same as seed when unset",
-    "TensorBoard": "logs of round K go to OUTPUT_DIR/tensorboard/round_K",
+    "TensorBoard": "the Trainer's logs of round K go to OUTPUT_DIR/tensorboard/round_K (the run's own metrics, a "
+                   "step per round, go to every report_to integration; TensorBoard: OUTPUT_DIR/tensorboard/metrics)",
 }
 
 
@@ -202,8 +204,8 @@ def is_run_neutral(name: str, config: dict) -> bool:
 
 
 # ---- parsing ------------------------------------------------------------------------------------
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class _HelpFormatter(OneSpelling, argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, the description kept as written, each flag under its one spelling."""
 
 
 def make_parser(script_type: type = SelfTrainArguments, prog: str | None = None, description: str = "",
@@ -218,19 +220,17 @@ def make_parser(script_type: type = SelfTrainArguments, prog: str | None = None,
 
     from ..lm.configs import PolicyModelConfig, PolicySFTConfig
 
-    class RecipeParser(TrlParser):
+    class RecipeParser(Suggestions, TrlParser):
         def error(self, message: str):  # one line, no usage block
-            raise RunError(message)
+            raise RunError(f"{one_line_name(self, message)} (see --help)")
 
         def set_defaults_with_config(self, **kwargs) -> list[str]:
             checked = {key: _config_value(self, key, value) for key, value in kwargs.items()}
             unknown = super().set_defaults_with_config(**checked)
             if unknown:
-                names = [a.dest for a in self._actions]
                 key = unknown[0].lstrip("-")
-                close = difflib.get_close_matches(key, names, n=1)
                 raise RunError(f"unknown setting {key!r} in the config file"
-                               + (f"; did you mean {close[0]!r}?" if close else ""))
+                               + closest(key, [a.dest for a in self._actions], quote=True))
             return unknown
 
     listed = "\n".join(f"  {name}: {how}" for name, how in overrides.items())
@@ -239,8 +239,24 @@ def make_parser(script_type: type = SelfTrainArguments, prog: str | None = None,
                           description=f"{description}\n\nThe loop sets these trainer settings itself, "
                                       f"whatever the config says:\n{listed}\n\n"
                                       "Settings come from --config FILE.yaml (any field below), then flags.")
+    for action in parser._actions:
+        if getattr(action.type, "__name__", "") == "dict":  # the parsers type a mapping as dict(TEXT): no text passes
+            action.type = _mapping
     parser.set_defaults_with_config(output_dir=output_dir)
     return parser
+
+
+def _mapping(text: str) -> dict:
+    """A mapping field's flag value, written as JSON (``--liger_kernel_config '{"rope": true}'``), or none."""
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON mapping such as '{{\"key\": 1}}', got {text!r}")
+    return value
 
 
 def parse(parser, argv: list[str] | None = None) -> tuple:
@@ -263,28 +279,29 @@ def parse(parser, argv: list[str] | None = None) -> tuple:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise RunError(f"config file is not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
-    except (ValueError, TypeError, OSError) as err:
-        raise RunError(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__) from None
+    except (ValueError, TypeError, OSError, ImportError) as err:  # TRL's and transformers' checks of a setting
+        raise RunError(first_line(err)) from None
     flags = [u for u in unknown if u.startswith("-")]
     if unknown:
-        name = (flags or unknown)[0]
-        close = difflib.get_close_matches(name, [o for a in parser._actions for o in a.option_strings], n=1)
+        name = (flags or unknown)[0].split("=", 1)[0]
         if not flags:
-            raise RunError(f"unexpected argument {name!r}")
-        raise RunError(f"unknown flag {name}" + (f"; did you mean {close[0]}?" if close else ""))
+            raise RunError(f"unexpected argument {name!r} (see --help)")
+        raise RunError(f"unknown flag {name}{closest(name, [o for a in parser._actions for o in a.option_strings])}"
+                       " (see --help)")
     check_trainer_settings(sft, model)
     return script_args, sft, model
 
 
 def run_recipe(prog: str, main, parser) -> None:
     """Parse the command line and run ``main`` on it, the way every recipe ends: a problem is one
-    line ``PROG: error: ...`` and exit status 2, Ctrl-C one line and status 130 (the run directory
-    resumes). Under a data-parallel launch each process, having said why it stops, waits for the
-    others, so that the launcher kills none before it has said so too."""
+    line ``PROG: error: ...`` and exit status 2 (or the error's own ``exit_status``), Ctrl-C one
+    line and status 130 (the run directory resumes). Under a data-parallel launch each process,
+    having said why it stops, waits for the others, so that the launcher kills none before it has
+    said so too."""
     try:
         main(*parse(parser))
     except LmcohError as err:
-        _exit(f"{prog}: error: {err}", 2)
+        _exit(f"{prog}: error: {err}", err.exit_status)
     except KeyboardInterrupt:
         _exit(f"{prog}: interrupted; run the same command again to resume", 130)
 
@@ -300,8 +317,73 @@ def _exit(line: str, status: int) -> None:
     sys.exit(status)
 
 
+def _value(setting):
+    return getattr(setting, "value", setting)  # an enum's text
+
+
+_TOKENISED = "the Trainer gets the episodes tokenised already, with the mask of their actions: no text to prepare"
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# Trainer and model settings a self-training run cannot honour, refused before any work in one line:
+# setting -> (refused when, why). Every other field of SFTConfig and ModelConfig is honoured as TRL
+# defines it (the loop sets only LOOP_OVERRIDES); tests/test_arguments.py walks them all.
+REFUSED = {
+    "eval_strategy": (lambda v: _value(v) != "no", "the Trainer has no eval dataset: every round is evaluated "
+                                                   "exactly, against the oracle"),
+    "eval_on_start": (bool, "the Trainer has no eval dataset: every round is evaluated exactly, against the oracle"),
+    "do_eval": (bool, "every round is evaluated exactly, against the oracle, whatever do_eval says"),
+    "do_predict": (bool, "there is no test set: every round is evaluated exactly, against the oracle"),
+    "save_strategy": (lambda v: _value(v) != "no", "each round saves its own model (OUTPUT_DIR/rounds/K/model); "
+                                                   "Trainer checkpoints would land in the round's scratch directory "
+                                                   "and be deleted with it"),
+    "resume_from_checkpoint": (lambda v: v is not None, "a run resumes by itself from its last complete round: run "
+                                                        "the same command again"),
+    "push_to_hub": (bool, "lmcoh never contacts a model hub (the Trainer would push each round's scratch "
+                          "directory, not the run); upload OUTPUT_DIR/rounds/K/model yourself"),
+    "trust_remote_code": (bool, "lmcoh never runs a model's own code"),
+    "packing": (bool, "each episode is one training row with the mask of its actions; packing would cut and "
+                      "merge them"),
+    "assistant_only_loss": (bool, "the loss already falls on the actions' tokens only (completion_only_loss)"),
+    "chat_template_path": (lambda v: v is not None, "the chat format is written with the model's own chat "
+                                                    "template (--format chat)"),
+    "lora_task_type": (lambda v: v != "CAUSAL_LM", "a policy is a causal language model (CAUSAL_LM)"),
+    "dataset_text_field": (lambda v: v != "text", _TOKENISED),
+    "dataset_kwargs": (bool, _TOKENISED),
+    "eos_token": (lambda v: v is not None, _TOKENISED),
+    "activation_offloading": (lambda v: v and not _cuda(), "it moves activations off a GPU, and there is none"),
+}
+
+
 def check_trainer_settings(sft, model) -> None:
-    """`RunError` for trainer and adapter settings that could only fail later, mid-run."""
+    """`RunError` for trainer and adapter settings that could only fail later, mid-run: the
+    `REFUSED` ones, optimisers and schedules that cannot be built, numbers out of range."""
+    from transformers.utils import is_bitsandbytes_available, is_liger_kernel_available
+
+    for config in (sft, model):
+        for name, (refused, why) in REFUSED.items():
+            if hasattr(config, name) and refused(getattr(config, name)):
+                value = getattr(config, name)
+                setting = name if value is True else f"{name} {_value(value)!r}"
+                raise RunError(f"{setting} is not supported: {why}")
+    if "trust_remote_code" in (sft.model_init_kwargs or {}):
+        raise RunError(f"model_init_kwargs: trust_remote_code is not supported: {REFUSED['trust_remote_code'][1]}")
+    _check_optimiser(sft)
+    if sft.use_liger_kernel and not is_liger_kernel_available():
+        raise RunError("use_liger_kernel needs the liger-kernel package (pip install liger-kernel)")
+    if (model.load_in_4bit or model.load_in_8bit) and not is_bitsandbytes_available():
+        raise RunError("load_in_4bit and load_in_8bit need the bitsandbytes package (pip install bitsandbytes)")
+    if sft.fsdp and sft.world_size == 1:
+        raise RunError("fsdp shards a model over the processes of a launch (accelerate launch --config_file "
+                       "recipes/accelerate_configs/fsdp.yaml); this is one process")
+    for name in ("dataloader_persistent_workers", "dataloader_multiprocessing_context"):
+        if getattr(sft, name) and not sft.dataloader_num_workers:
+            raise RunError(f"{name} needs worker processes: set dataloader_num_workers too")
     for name, value in (("per_device_train_batch_size", sft.per_device_train_batch_size),
                         ("gradient_accumulation_steps", sft.gradient_accumulation_steps)):
         _check(name, value, lambda v: v >= 1, "must be >= 1")
@@ -321,6 +403,28 @@ def check_trainer_settings(sft, model) -> None:
         _check("lora_r", model.lora_r, lambda v: v >= 1, "must be >= 1")
         _check("lora_alpha", model.lora_alpha, lambda v: v > 0, "must be positive")
         _check("lora_dropout", model.lora_dropout, lambda v: 0 <= v < 1, "must be in [0, 1)")
+
+
+def _check_optimiser(sft) -> None:
+    """Build the optimiser's class and the learning-rate schedule the Trainer would (on a dummy
+    parameter): a missing package or a schedule missing its arguments is one line now, not mid-run."""
+    import torch
+    from transformers import Trainer
+    from transformers.optimization import get_scheduler
+
+    weight = torch.zeros(1, requires_grad=True, device=sft.device)
+    try:
+        optimiser, kwargs = Trainer.get_optimizer_cls_and_kwargs(sft)
+        optimiser([weight], **kwargs)
+    except (ImportError, ValueError, TypeError) as err:
+        if "pass a model" not in str(err) and "pass a `model`" not in str(err):  # built later, with the model
+            raise RunError(f"optim {_value(sft.optim)}: {first_line(err)}") from None
+    try:
+        get_scheduler(sft.lr_scheduler_type, torch.optim.SGD([weight], lr=1.0), num_warmup_steps=1,
+                      num_training_steps=10, scheduler_specific_kwargs=sft.lr_scheduler_kwargs)
+    except (TypeError, ValueError) as err:
+        raise RunError(f"lr_scheduler_type {_value(sft.lr_scheduler_type)} with lr_scheduler_kwargs "
+                       f"{sft.lr_scheduler_kwargs or {}}: {first_line(err)}") from None
 
 
 def _config_value(parser, key: str, value):

@@ -6,6 +6,7 @@
     rounds/k/        metrics.json, eval.json, episodes.jsonl, model/ (the round's adapter)
     metrics.jsonl    one line per complete round, always rebuilt from rounds/
     report.md, *.png the report
+    tensorboard/     with report_to tensorboard: metrics/ (the run's, a step per round), round_K/
 
 What a run guarantees:
 
@@ -54,17 +55,20 @@ class RunDirectory:
             yield on_main(state, lambda: self.prepare(config, overwrite, header))
 
     def check(self, config: dict, overwrite: bool = False) -> None:
-        """`RunError` if the directory holds something else, or a run with another config."""
+        """`RunError` if the directory holds something else (``overwrite`` replaces only an earlier
+        run), or, without ``overwrite``, a run with another config."""
         out = self.path
-        if overwrite or not out.exists():
+        if not out.exists():
             return
         if not out.is_dir():
             raise RunError(f"output_dir {out} exists and is not a directory")
         saved = out / "config.yaml"
-        if not saved.is_file():
+        if not saved.is_file() and not self.rounds.is_dir():
             if any(out.iterdir()):
-                raise RunError(f"output_dir {out} is not empty and holds no self-training run; "
-                               "choose another --output_dir or pass --overwrite")
+                raise RunError(f"output_dir {out} is not empty and holds no self-training run; choose another "
+                               "--output_dir (--overwrite replaces only an earlier run)")
+            return
+        if overwrite or not saved.is_file():
             return
         try:
             old = yaml.safe_load(saved.read_text())

@@ -7,7 +7,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import RunError
+from .. import io
 from ..lm import text
 from ..tasks import budget
 from ..tasks.library import load_task
@@ -28,10 +28,8 @@ class Run:
         self.state = PartialState() if state is None else state
         budget.set_limit_gb(args.memory_limit_gb)
         self.task = load_task(args.task)
-        self.run = RunDirectory(trainer_args.output_dir)
-        if self.run.path.exists() and not self.run.path.is_dir():
-            raise RunError(f"output_dir {self.run.path} exists and is not a directory")
-        self.init_kwargs = model_init_kwargs(model_args)
+        self.run = RunDirectory(io.check_output(trainer_args.output_dir, True, "output_dir"))  # a directory, not under a file
+        self.init_kwargs = {**model_init_kwargs(model_args), **(trainer_args.model_init_kwargs or {})}  # TRL's from_pretrained
         self.base = model_args.model_name_or_path or str(self.run.path / "prior")
         self.layout = self._layout(model_args.model_name_or_path)
         self.config = resolved_config(args, trainer_args, model_args)

@@ -91,6 +91,7 @@ class SelfTraining(Run):
         self.sft = sft
         self.targets = exact.sequence(self.task, "retrain", args.rounds + 1)  # round k's target: G^(k+1)(p)
         self._round: _Round | None = None
+        self._integrations: Integrations | None = None
 
     @classmethod
     def from_directory(cls, path: str | Path, state=None) -> "SelfTraining":
@@ -220,6 +221,9 @@ class SelfTraining(Run):
         io.write_json(tmp / "eval.json", detail)
         io.write_json(tmp / "metrics.json", line)
         self.run.commit_round(r.k, tmp)
+        if self._integrations is None:
+            self._integrations = Integrations(self.sft, self.run.path / "tensorboard" / "metrics")
+        self._integrations.log(r.k, line)
         print(summary(line, self.args.rounds), flush=True)
         return line
 
@@ -256,6 +260,8 @@ class SelfTraining(Run):
         from ..report.selftrain import write_selftrain_report
 
         shutil.rmtree(self.run.path / "trainer", ignore_errors=True)
+        if self._integrations is not None:
+            self._integrations.close()
         rows = self.run.complete_rounds()
         details = [io.read_json(self.run.round_dir(r["round"]) / "eval.json") for r in rows]
         faults.point("report")
@@ -293,6 +299,39 @@ def summary(line: dict, rounds: int) -> str:
             f"incoherence {incoherence}, kept {line['episodes_kept']}/{line['episodes_sampled']}, "
             f"{line['sample_seconds']:.1f}s sample, {line['train_seconds']:.1f}s train, "
             f"{line['eval_seconds']:.1f}s eval")
+
+
+class Integrations:
+    """The run's own metrics (success, targets, TV, incoherence, ...) to every ``report_to``
+    integration, as one run with a step per round: transformers' integration callbacks, made
+    once per run and fed ``on_log`` with ``global_step`` = the round, under ``eval/`` names.
+    TensorBoard writes them to ``logdir`` (OUTPUT_DIR/tensorboard/metrics; the Trainer's own
+    scalars of round K go to tensorboard/round_K). Non-finite values (an infinite incoherence)
+    are left out; its finite part is there."""
+
+    def __init__(self, sft, logdir: Path):
+        from transformers import TrainerControl, TrainerState
+        from transformers.integrations import get_reporting_integration_callbacks
+
+        self.args, self.control = sft, TrainerControl()
+        with _tensorboard_dir(sft, logdir):
+            self.callbacks = [cls() for cls in get_reporting_integration_callbacks(sft.report_to)]
+        for callback in self.callbacks:
+            callback.on_train_begin(sft, TrainerState(), self.control)
+
+    def log(self, k: int, line: dict) -> None:
+        from transformers import TrainerState
+
+        logs = {f"eval_{key}": float(value) for key, value in line.items()
+                if key != "round" and isinstance(value, (int, float)) and np.isfinite(value)}
+        for callback in self.callbacks:
+            callback.on_log(self.args, TrainerState(global_step=k), self.control, logs=logs)
+
+    def close(self) -> None:
+        from transformers import TrainerState
+
+        for callback in self.callbacks:
+            callback.on_train_end(self.args, TrainerState(), self.control)
 
 
 @contextmanager

@@ -39,6 +39,7 @@ from typing import Callable
 
 import numpy as np
 
+from .. import io
 from ..errors import RunError
 from ..oracle import exact, klrl
 from ..tasks.task import Task
@@ -188,9 +189,10 @@ def check_comparison(cfg: TemperatureArguments, output_dir: str, task: Task) -> 
             f"rejection sampling at alpha = {cfg.rounds + 1} accepts {rate:.3g} of the proposals, so "
             f"{cfg.rejection_episodes} episodes need about {need} of them, more than "
             f"max_proposals = {cfg.max_proposals}; lower rounds or rejection_episodes, or raise max_proposals")
-    out = Path(output_dir)
-    if out.exists() and not cfg.overwrite:
-        raise RunError(f"output_dir {out} exists; pass --overwrite to replace it or choose another")
+    out = io.check_output(output_dir, cfg.overwrite, "output_dir")
+    if cfg.overwrite and out.is_dir() and any(out.iterdir()) and not (out / "comparison.json").is_file():
+        raise RunError(f"output_dir {out} holds something other than an earlier comparison; choose another "
+                       "--output_dir (--overwrite replaces only an earlier comparison)")
     if cfg.selftrain_dir is not None:
         st = Path(cfg.selftrain_dir)
         if cfg.overwrite and out.resolve() in st.resolve().parents:

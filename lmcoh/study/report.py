@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .. import io
 from ..errors import TaskError
 from ..io import replace_dir, write_json, write_text
 from ..oracle import exact
@@ -179,14 +180,19 @@ def plots(result: dict, out: Path) -> dict[int, str]:
 
 # ---- the directory -------------------------------------------------------------------------------
 
-def write(result: dict, out: str | Path) -> Path:
-    """Write ``out``/study.json, report.md and plots atomically; an existing study there is replaced.
+def check_output(out: str | Path, overwrite: bool = False) -> Path:
+    """``out`` as a Path, refused (`LmcohError`) before the study runs when it holds anything
+    without ``overwrite``, or, with it, anything but an earlier study."""
+    out = io.check_output(out, overwrite, "--output_dir")
+    if out.is_dir() and any(out.iterdir()) and not (out / "study.json").exists():
+        raise TaskError(f"--output_dir {out} holds something other than an earlier study; choose another --output_dir")
+    return out
 
-    Refuses (TaskError) to replace a non-empty directory that is not an earlier study.
-    """
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "study.json").exists())):
-        raise TaskError(f"{out}: exists and is not an earlier study output; choose another --out")
+
+def write(result: dict, out: str | Path, overwrite: bool = False) -> Path:
+    """Write ``out``/study.json, report.md and plots atomically (`check_output` first); with
+    ``overwrite`` an earlier study there is replaced."""
+    out = check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -7,8 +7,8 @@ with one line that names the size and how to raise the limit, so a huge horizon 
 such as ``random-tree:T=30,A=6`` is refused within seconds instead of exhausting the machine.
 A horizon longer than any path costs nothing: layers stop where every episode has ended.
 
-The limit is ``LMCOH_MEMORY_LIMIT_GB`` (set by ``lmcoh --memory-limit GB`` and the recipes'
-``--memory_limit_gb``), by default half the machine's memory, at most 8 GiB.
+The limit is ``LMCOH_MEMORY_LIMIT_GB`` (set by ``--memory_limit_gb GB`` of ``lmcoh`` and of the
+recipes), by default half the machine's memory, at most 8 GiB.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import os
 from ..errors import BudgetError
 
 ENV = "LMCOH_MEMORY_LIMIT_GB"
-HOW_TO_RAISE = f"raise the limit with lmcoh --memory-limit GB, the recipes' --memory_limit_gb or {ENV}"
+HOW_TO_RAISE = f"raise the limit with --memory_limit_gb GB (lmcoh and the recipes) or {ENV}"
 
 # Measured on random trees (peak RSS over element counts), rounded up: bytes per state, action
 # or transition of a task (names, texts, flat arrays), per element of a step's layer, per
@@ -61,7 +61,7 @@ def human(nbytes: float) -> str:
     for unit, size in (("TB", 2 ** 40), ("GB", 2 ** 30), ("MB", 2 ** 20)):
         if nbytes >= size:
             return f"{nbytes / size:.3g} {unit}"
-    return f"{nbytes / 2 ** 10:.3g} KB"
+    return f"{nbytes / 2 ** 10:.3g} KB" if nbytes >= 2 ** 10 else f"{nbytes:.0f} bytes"
 
 
 def check(what: str, nbytes: float) -> None:

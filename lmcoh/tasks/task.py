@@ -107,8 +107,16 @@ class Task:
 
     @cached_property
     def deterministic(self) -> bool:
-        one_start = np.count_nonzero(self.start_prob) == 1
-        return bool(one_start and np.all(np.diff(self.trans_ptr) == 1))
+        """Whether the dynamics are deterministic: every action leads to one next state. The start
+        may still be random (`random_start`): Theorem 5.9 and the claims built on it are about the
+        moves, which a random start leaves deterministic (each start state's episodes are reweighted
+        on their own, and policies are per state)."""
+        return bool(np.all(np.diff(self.trans_ptr) == 1))
+
+    @cached_property
+    def random_start(self) -> bool:
+        """Whether episodes start in more than one state."""
+        return bool(np.count_nonzero(self.start_prob) > 1)
 
     @cached_property
     def uniform_prior(self) -> bool:
