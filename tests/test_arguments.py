@@ -19,6 +19,7 @@ from lmcoh.tasks.library import load_task
 PLAUSIBLE = {
     "task": [["--task", "lottery"]],
     "goal_text": [["--goal_text", "Win the lottery."]],
+    "klrl_k": [["--klrl_k", "2", "3"]],
     "selftrain_dir": [["--selftrain_dir", "outputs/self_train/lottery"]],  # none there: refused
     "output_dir": [],  # each case writes to its own output_dir anyway
     "lr_scheduler_kwargs": [["--lr_scheduler_type", "cosine_with_restarts", "--lr_scheduler_kwargs", '{"num_cycles": 2}'],
@@ -176,7 +177,7 @@ def test_every_setting_is_honoured_or_refused_in_one_line(recipe, tmp_path, monk
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv(budget.ENV, str(budget.limit_bytes() / 2 ** 30))  # memory_limit_gb sets it: undone after
-    for module in ("lmcoh.runs.selftrain", "lmcoh.tasks.library"):  # the same task file, read once
+    for module in ("lmcoh.runs.run", "lmcoh.tasks.library"):  # the same task file, read once
         monkeypatch.setattr(f"{module}.load_task", functools.lru_cache(load_task))
     make, check = RECIPES[recipe]
     parser = make()

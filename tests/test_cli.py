@@ -113,7 +113,7 @@ def test_python_m_lmcoh_and_bad_spec():
     (["exact", "mountain_race", "--json", "maybe"], "unexpected argument 'maybe' (see lmcoh exact --help)"),
     (["exact", "mountain_race", "--json=maybe"], "argument --json: expected true or false, got 'maybe'"),
     (["exatc", "mountain_race"], "invalid choice 'exatc' (choose from tasks, show, exact, study, pretrain, evaluate, "
-                                 "sample); did you mean exact? (see lmcoh --help)"),
+                                 "sample, card); did you mean exact? (see lmcoh --help)"),
     (["evaluate", "m", "--task", "mountain_race", "--format", "prose"], "argument --format: invalid choice 'prose'"),
     (["pretrain", "mountain_race", "--out", "x", "--learning-rate", "fast"], "argument --learning_rate: must be a "
                                                                              "positive number, got 'fast'"),

@@ -102,7 +102,7 @@ def test_a_history_that_cannot_fit_is_refused_in_one_line(monkeypatch):
     with pytest.raises(BudgetError) as err:
         tabulate(lm, task)
     message = str(err.value)
-    assert "one history of long_texts (4 rows of up to" in message and "--memory-limit" in message
+    assert "one history of long_texts (4 rows of up to" in message and "--memory_limit_gb" in message
     assert "\n" not in message and time.perf_counter() - began < 10
     with pytest.raises(BudgetError, match="one episode of long_texts"):
         from lmcoh.lm.rollout import sample_episodes

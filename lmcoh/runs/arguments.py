@@ -243,6 +243,7 @@ def make_parser(script_type: type = SelfTrainArguments, prog: str | None = None,
         if getattr(action.type, "__name__", "") == "dict":  # the parsers type a mapping as dict(TEXT): no text passes
             action.type = _mapping
     parser.set_defaults_with_config(output_dir=output_dir)
+    parser.set_by_run = {name for names in overrides for name in names.split(", ")}  # never refused: overridden
     return parser
 
 
@@ -288,7 +289,7 @@ def parse(parser, argv: list[str] | None = None) -> tuple:
             raise RunError(f"unexpected argument {name!r} (see --help)")
         raise RunError(f"unknown flag {name}{closest(name, [o for a in parser._actions for o in a.option_strings])}"
                        " (see --help)")
-    check_trainer_settings(sft, model)
+    check_trainer_settings(sft, model, getattr(parser, "set_by_run", ()))
     return script_args, sft, model
 
 
@@ -360,14 +361,15 @@ REFUSED = {
 }
 
 
-def check_trainer_settings(sft, model) -> None:
+def check_trainer_settings(sft, model, set_by_run=()) -> None:
     """`RunError` for trainer and adapter settings that could only fail later, mid-run: the
-    `REFUSED` ones, optimisers and schedules that cannot be built, numbers out of range."""
+    `REFUSED` ones (but those in ``set_by_run``, which the run overrides), optimisers and schedules
+    that cannot be built, numbers out of range."""
     from transformers.utils import is_bitsandbytes_available, is_liger_kernel_available
 
     for config in (sft, model):
         for name, (refused, why) in REFUSED.items():
-            if hasattr(config, name) and refused(getattr(config, name)):
+            if name not in set_by_run and hasattr(config, name) and refused(getattr(config, name)):
                 value = getattr(config, name)
                 setting = name if value is True else f"{name} {_value(value)!r}"
                 raise RunError(f"{setting} is not supported: {why}")
