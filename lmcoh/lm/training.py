@@ -1,7 +1,8 @@
 """Supervised fine-tuning on episode transcripts, through TRL's `SFTTrainer`.
 
 One function serves both pretraining the prior (a full model or an adapter) and
-self-training rounds. Examples are transcripts already tokenised as the model reads them
+self-training rounds. It trains with `lmcoh.lm.trainer.ActionSFTTrainer`, TRL's trainer with
+the loss computed only at the actions' positions and once per distinct transcript of a batch. Examples are transcripts already tokenised as the model reads them
 (`lmcoh.lm.scoring.Codec.episode`, so training and scoring see the same tokens in every text
 format) with a mask of the actions' tokens, given to TRL as its ``completion_mask``: the loss
 falls on the actions the policy writes, not on the states the environment writes. Launched
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import math
 import os
+import time
+from typing import Sequence
 
 import torch
 from transformers import TrainerCallback
@@ -25,7 +28,10 @@ from ..errors import ModelError
 
 
 def _bf16_available() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    """bf16 autocast where it is fast: a GPU that has it, or a CPU with bf16 in hardware."""
+    from .cost import native_bf16
+
+    return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else native_bf16()
 
 
 def sft_defaults() -> dict:
@@ -41,12 +47,12 @@ def sft_defaults() -> dict:
         "save_strategy": "no",             # each round saves its own model (rounds/k/model)
         "logging_steps": 50,
         "log_level": "warning",
-        "bf16": _bf16_available(),         # TRL's default True refuses to start on a CPU
+        "bf16": _bf16_available(),         # TRL's default True refuses to start on a CPU, or crawls without bf16
         "gradient_checkpointing": False,   # tiny models: memory is not the constraint
         "activation_checkpointing": False,
         "completion_only_loss": True,      # the loss falls on the actions' tokens (the completion mask)
         "max_length": None,                # never truncate an episode
-        "optim": "adamw_torch",
+        "optim": "adamw_torch_fused",  # one pass over all the weights: 3x faster than the loop on a CPU
         "dataloader_pin_memory": cuda,
         "use_cpu": not cuda,               # under torchrun on a CPU: gloo data parallelism
         "ddp_find_unused_parameters": False,  # every trainable weight takes part in every step
@@ -83,18 +89,22 @@ def episode_examples(tokenizer, task, layout, episodes) -> list[tuple[list[int],
 
 
 def train_sft(model, tokenizer, examples: list[tuple[list[int], list[int]]], args, *,
-              average_last: float = 0.0) -> dict:
+              average_last: float = 0.0, callbacks: Sequence[TrainerCallback] = ()) -> dict:
     """Train ``model`` in place on ``examples`` (token ids, loss mask) with the loss on the masked
-    tokens (`episode_examples`).
+    tokens (`episode_examples`), through `lmcoh.lm.trainer.ActionSFTTrainer`.
 
     ``args`` is the `SFTConfig`, used as given. With ``average_last`` > 0 the trained weights
     end as the running mean of the weights over that final share of the steps (tail
     averaging): the last minibatches no longer jitter the learned action probabilities.
-    Returns the Trainer's metrics (``train_loss``, ``train_runtime``, ...) plus ``global_step``.
+    ``callbacks`` are more `TrainerCallback`s. Returns the Trainer's metrics (``train_loss``,
+    ``train_runtime``, ...) plus ``global_step``, ``computed_tokens`` (the tokens the model ran,
+    each distinct transcript of a batch once), and each step's wall time and tokens
+    (``step_seconds``, ``step_tokens``).
     """
     import datasets
     from transformers.trainer_callback import PrinterCallback
-    from trl import SFTTrainer
+
+    from .trainer import ActionSFTTrainer
 
     data = datasets.Dataset.from_dict({"input_ids": [ids for ids, _ in examples],
                                        "completion_mask": [mask for _, mask in examples]})
@@ -102,12 +112,13 @@ def train_sft(model, tokenizer, examples: list[tuple[list[int], list[int]]], arg
     was_on = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
-        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+        trainer = ActionSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
     finally:
         if was_on:
             datasets.enable_progress_bars()
-    watch = Divergence(model)
-    trainer.add_callback(watch)
+    watch, clock = Divergence(model), StepClock(trainer)
+    for callback in (watch, clock, *callbacks):
+        trainer.add_callback(callback)
     if average_last > 0:
         trainer.add_callback(TailAverage(model, average_last))
     if args.disable_tqdm:
@@ -115,7 +126,25 @@ def train_sft(model, tokenizer, examples: list[tuple[list[int], list[int]]], arg
     result = trainer.train()
     model.eval()
     watch.check(result.training_loss, args)
-    return {**result.metrics, "global_step": result.global_step}
+    return {**result.metrics, "global_step": result.global_step, "computed_tokens": trainer.computed_tokens,
+            "step_seconds": clock.seconds, "step_tokens": clock.tokens}
+
+
+class StepClock(TrainerCallback):
+    """The wall time of every optimiser step (its forward, backward and update) and the tokens it ran."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.seconds: list[float] = []
+        self.tokens: list[int] = []
+        self._start, self._tokens = 0.0, 0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start, self._tokens = time.perf_counter(), self.trainer.computed_tokens
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds.append(time.perf_counter() - self._start)
+        self.tokens.append(self.trainer.computed_tokens - self._tokens)
 
 
 class Divergence(TrainerCallback):
