@@ -5,7 +5,9 @@ commands (``tasks``, ``show``, ``exact``) never import torch; language-model com
 it inside their handlers, so ``lmcoh exact`` starts fast.
 
 Every user error (bad task file, bad spec, bad model directory, bad value) ends as one line
-``lmcoh: error: ...`` on stderr and exit status 2, never a traceback.
+``lmcoh: error: ...`` on stderr and exit status 2, never a traceback. ``lmcoh pretrain --base``
+exits with `BUDGET_SPENT` (3) when its budget of steps ran out before the oracle signed the
+model off.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from .errors import LmcohError
 from .io import dumps, jsonable, write_jsonl
 from .tasks import budget
 from .tasks.task import Task
+
+BUDGET_SPENT = 3  # `lmcoh pretrain --base`: the budget of steps ran out before the oracle signed the model off
 
 
 # ---- oracle commands ---------------------------------------------------------------------------
@@ -178,18 +182,33 @@ def _load_for_task(args: argparse.Namespace):
     return task, loaded, layout
 
 
-def _cmd_pretrain(args: argparse.Namespace) -> None:
+def _cmd_pretrain(args: argparse.Namespace) -> int:
     from .lm.pretrain import pretrain
     from .tasks.library import load_task
 
     _check_goal_text(args)
     task = load_task(args.task)
     settings = {k: getattr(args, k) for k in ("episodes", "epochs", "seed", "model_size", "learning_rate",
-                                              "batch_size", "none_share", "lora_r") if getattr(args, k) is not None}
+                                              "batch_size", "none_share", "lora_r", "tolerance", "max_steps")
+                if getattr(args, k) is not None}
     out = pretrain(task, args.out, base=args.base, format=args.format, goal_text=args.goal_text,
                    progress=not args.quiet, **settings)
-    what = f"LoRA-conditioned {args.base}" if args.base else "built-in model"
-    print(f"{out}: prior for {task.name} ({what}, seed {args.seed})", file=sys.stderr)
+    if not args.base:
+        print(f"{out}: prior for {task.name} (built-in model, seed {args.seed})", file=sys.stderr)
+        return 0
+    from .io import read_json
+    from .lm.model import META_FILE
+
+    check = read_json(out / META_FILE)["pretrain"]["check"]
+    figures = (f"TV to G(p) {check['tv_success_to_g']:.4f} with <success>, to p {check['tv_none_to_p']:.4f} "
+               f"with no goal (tolerance {check['tolerance']:g})")
+    if not check["within_tolerance"]:
+        print(f"lmcoh: pretrain: the budget of {check['steps']} steps ran out at {figures}; the closest model "
+              f"checked (step {check['kept_step']}) is in {out}; raise --max-steps or --episodes", file=sys.stderr)
+        return BUDGET_SPENT
+    print(f"{out}: prior for {task.name} (LoRA-conditioned {args.base}, seed {args.seed}): {figures} after "
+          f"{check['steps']} steps", file=sys.stderr)
+    return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -299,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer and smaller tasks (a few seconds)")
     p.set_defaults(handler=_cmd_study)
 
-    from .lm.pretrain import DEFAULTS, MODEL_SIZES, PretrainConfig  # numpy only: keeps `lmcoh exact` free of torch
+    from .lm.pretrain import DEFAULTS, LEAST_BATCH, MODEL_SIZES, PretrainConfig  # numpy only: no torch
     from .lm.text import FORMATS, PROMPT_MODES
 
     def default(name: str) -> str:
@@ -307,7 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     defaults = PretrainConfig()
     p = sub.add_parser("pretrain", help="train an LM on the task's own episodes: the prior p (built-in model, "
-                                        "or a pretrained one conditioned with LoRA)")
+                                        "or a pretrained one conditioned with LoRA)",
+                       epilog=f"With --base, training stops once the oracle signs the model off (its exact TVs to "
+                              f"G(p) with <success> and to p with no goal both within --tolerance) and the exit "
+                              f"status is 0; if the budget of steps runs out first, the closest model checked is "
+                              f"saved, one line gives the figures, and the exit status is {BUDGET_SPENT}. "
+                              f"Bad input exits with status 2.")
     p.add_argument("task", metavar="TASK", help=task_help)
     p.add_argument("--out", required=True, metavar="DIR", help="the model directory to write")
     p.add_argument("--base", metavar="DIR_OR_HUB_ID",
@@ -318,15 +342,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--goal-text", metavar="TEXT", help="write this statement instead of the <success> token")
     p.add_argument("--episodes", type=_positive_int,
                    help=f"episodes sampled under the prior, behind their outcome token ({default('episodes')})")
-    p.add_argument("--epochs", type=_positive_float, help=f"passes over the data ({default('epochs')})")
+    p.add_argument("--epochs", type=_positive_float,
+                   help=f"passes over the data (default {DEFAULTS['built-in']['epochs']:g} for the built-in model; "
+                        "with --base a budget in passes instead of --max-steps)")
     p.add_argument("--seed", type=_nonnegative_int, default=defaults.seed, help="seed (default 0)")
     p.add_argument("--model-size", choices=MODEL_SIZES,
                    help=f"size of the built-in model (default {defaults.model_size})")
     p.add_argument("--learning-rate", type=_positive_float, help=f"peak learning rate ({default('learning_rate')})")
     p.add_argument("--batch-size", type=_positive_int,
-                   help=f"sequences per step and device ({default('batch_size')})")
+                   help=f"sequences per step over all processes (default {DEFAULTS['built-in']['batch_size']} for "
+                        "the built-in model; with --base as many as fit a step's budget of FLOPs and memory, "
+                        f"each distinct transcript run once, at least {LEAST_BATCH})")
     p.add_argument("--lora-r", type=_positive_int, help=f"LoRA rank with --base (default {defaults.lora_r})")
     p.add_argument("--none-share", type=float, help="share of transcripts shown with no goal token (default 1/3)")
+    p.add_argument("--tolerance", type=_positive_float,
+                   help=f"with --base: stop once within this total variation of G(p) and of p "
+                        f"(default {defaults.tolerance:g})")
+    p.add_argument("--max-steps", type=_positive_int,
+                   help=f"with --base: the budget of optimiser steps (default {DEFAULTS['base']['max_steps']})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_pretrain)
 
@@ -377,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         budget.set_limit_gb(args.memory_limit)
-        args.handler(args)
+        return args.handler(args) or 0
     except (LmcohError, KeyboardInterrupt) as err:
         message = str(err) or "interrupted"
         print(f"lmcoh: error: {message}", file=sys.stderr)
@@ -385,4 +418,3 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    return 0
