@@ -38,3 +38,17 @@ def test_base_section():
     out = bench.bench_base(steps=2, episodes=4, epochs=1, batch_size=4)
     assert [r["family"] for r in out["rows"]] == ["gpt2", "llama"]
     assert all(r["pretrain_seconds"] > 0 and 0 <= r["tv_success_to_g"] <= 1 for r in out["rows"])
+
+
+def test_train_section(tmp_path, llama_tokenizer):
+    from conftest import random_standin
+
+    lm = random_standin("llama", llama_tokenizer)
+    lm.model.save_pretrained(tmp_path / "model")
+    lm.tokenizer.save_pretrained(tmp_path / "model")
+    out = bench.bench_train(model=str(tmp_path / "model"), steps=2, batch_size=2, standin_steps=2, episodes=4,
+                            max_steps=2)
+    assert out["gemm_gflops"]["fp32"] > 0 and out["gemm_gflops"]["bf16"] > 0
+    assert all(r["tokens_per_s"] > 0 and r["gflops"] > 0 for r in out["training"])
+    assert [r["model"] for r in out["pretrain"]] == [str(tmp_path / "model"), "stand-in gpt2", "stand-in llama"]
+    assert all(r["steps"] <= 2 and 0 <= r["tv_success_to_g"] <= 1 for r in out["pretrain"])
