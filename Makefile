@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo demo-real test test-fast bench clean
 
 install: .venv/.installed
 
@@ -15,6 +15,15 @@ install: .venv/.installed
 
 demo: install
 	.venv/bin/accelerate launch --num_processes 1 --cpu recipes/self_train.py --config recipes/configs/mountain_race.yaml
+
+# The real checkpoint, end to end: fetch SmolLM2-135M-Instruct (`make smollm2`), condition it on the
+# mountain race until the oracle signs it off, then self-train it for 3 rounds (recipes/configs/smollm2_cpu.yaml).
+SMOLLM2 := models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+demo-real: outputs/smollm2/prior/lmcoh.json
+	.venv/bin/accelerate launch --num_processes 1 --cpu recipes/self_train.py --config recipes/configs/smollm2_cpu.yaml
+
+outputs/smollm2/prior/lmcoh.json: | install smollm2
+	$(PY) -m lmcoh pretrain mountain_race --base $(SMOLLM2) --format natural --out outputs/smollm2/prior
 
 # Two worker processes (the tests are single-threaded); models several tests need are built once
 # and shared between them (tests/conftest.py, shared_model).
