@@ -298,7 +298,7 @@ def _lora_throughput(model: str, task, steps: int, batch_size: int, bf16: bool, 
             "tokens_per_s": tokens / seconds, "gflops": 4 * parameters * tokens / seconds / 1e9}
 
 
-def bench_train(model: str = SMOLLM2, steps: int = 6, batch_size: int = 16, task: str = "random-tree:T=4,A=3,seed=0",
+def bench_train(model: str = SMOLLM2, steps: int = 5, batch_size: int = 8, task: str = "random-tree:T=4,A=3,seed=0",
                 condition: str = "mountain_race", standin_steps: int | None = None, **settings) -> dict:
     """LoRA training throughput on SmolLM2 against this machine's GEMM rates; seconds of `pretrain --base`.
 

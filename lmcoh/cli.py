@@ -318,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer and smaller tasks (a few seconds)")
     p.set_defaults(handler=_cmd_study)
 
-    from .lm.pretrain import DEFAULTS, LEAST_BATCH, MODEL_SIZES, PretrainConfig  # numpy only: no torch
+    from .lm.pretrain import (DEFAULTS, LEAST_BATCH, LORA_RATE, LORA_RATE_WIDTH, MODEL_SIZES,  # numpy only:
+                              PretrainConfig)  # no torch
     from .lm.text import FORMATS, PROMPT_MODES
 
     def default(name: str) -> str:
@@ -348,7 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_nonnegative_int, default=defaults.seed, help="seed (default 0)")
     p.add_argument("--model-size", choices=MODEL_SIZES,
                    help=f"size of the built-in model (default {defaults.model_size})")
-    p.add_argument("--learning-rate", type=_positive_float, help=f"peak learning rate ({default('learning_rate')})")
+    p.add_argument("--learning-rate", type=_positive_float,
+                   help=f"peak learning rate (default {DEFAULTS['built-in']['learning_rate']:g} for the built-in model; "
+                        f"with --base {LORA_RATE:g} x sqrt({LORA_RATE_WIDTH} / the model's hidden size))")
     p.add_argument("--batch-size", type=_positive_int,
                    help=f"sequences per step over all processes (default {DEFAULTS['built-in']['batch_size']} for "
                         "the built-in model; with --base as many as fit a step's budget of FLOPs and memory, "
