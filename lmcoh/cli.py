@@ -8,7 +8,8 @@ Every user error (bad task file, bad spec, bad model directory, bad value) ends 
 ``lmcoh: error: ...`` on stderr and exit status 2, never a traceback. The flags speak the
 language of `lmcoh.flags` (one spelling, TRL's where the concept is TRL's, older spellings
 hidden aliases); a command that writes refuses to replace what is there without ``--overwrite``
-(`lmcoh.io.check_output`), before any work.
+(`lmcoh.io.check_output`), before any work. ``lmcoh pretrain --base`` exits with `BUDGET_SPENT`
+(3) when its budget of steps ran out before the oracle signed the model off.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from .io import check_output, dumps, jsonable, write_jsonl
 from .oracle import specs
 from .tasks import budget
 from .tasks.task import Task
+
+BUDGET_SPENT = 3  # `lmcoh pretrain --base`: the budget of steps ran out before the oracle signed the model off
 
 
 # ---- oracle commands ---------------------------------------------------------------------------
@@ -196,7 +199,7 @@ def _load_for_task(args: argparse.Namespace):
     return task, loaded, layout
 
 
-def _cmd_pretrain(args: argparse.Namespace) -> None:
+def _cmd_pretrain(args: argparse.Namespace) -> int:
     from .lm.pretrain import pretrain
     from .tasks.library import load_task
 
@@ -206,15 +209,30 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
     flag = {"episodes": "pretrain_episodes", "epochs": "pretrain_epochs", "batch_size": "global_batch_size"}
     settings = {name: getattr(args, flag.get(name, name)) for name in ("episodes", "epochs", "batch_size", "seed",
                                                                       "model_size", "learning_rate", "none_share",
-                                                                      "lora_r")}  # PretrainConfig's fields
-    settings = {name: value for name, value in settings.items() if value is not None}
+                                                                      "lora_r", "tolerance", "max_steps")}
+    settings = {name: value for name, value in settings.items() if value is not None}  # PretrainConfig's fields
     try:
         out = pretrain(task, args.output_dir, base=args.base, format=args.format, goal_text=args.goal_text,
                        progress=not args.disable_tqdm, **settings)
     except DivergenceError as err:
         raise LmcohError(f"{err}; the learning rate is the likely cause: lower --learning_rate") from None
-    what = f"LoRA-conditioned {args.base}" if args.base else "built-in model"
-    print(f"{out}: prior for {task.name} ({what}, seed {args.seed})", file=sys.stderr)
+    if not args.base:
+        print(f"{out}: prior for {task.name} (built-in model, seed {args.seed})", file=sys.stderr)
+        return 0
+    from .io import read_json
+    from .lm.loading import META_FILE
+
+    check = read_json(out / META_FILE)["pretrain"]["check"]
+    figures = (f"TV to G(p) {check['tv_success_to_g']:.4f} with <success>, to p {check['tv_none_to_p']:.4f} "
+               f"with no goal (tolerance {check['tolerance']:g})")
+    if not check["within_tolerance"]:
+        print(f"lmcoh: pretrain: the budget of {check['steps']} steps ran out at {figures}; the closest model "
+              f"checked (step {check['kept_step']}) is in {out}; raise --max_steps or --pretrain_episodes",
+              file=sys.stderr)
+        return BUDGET_SPENT
+    print(f"{out}: prior for {task.name} (LoRA-conditioned {args.base}, seed {args.seed}): {figures} after "
+          f"{check['steps']} steps", file=sys.stderr)
+    return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -396,7 +414,8 @@ def build_parser() -> flags.Parser:
     p.add_argument("--quick", action="store_true", help="fewer and smaller tasks (a few seconds)")
     p.set_defaults(handler=_cmd_study)
 
-    from .lm.pretrain import DEFAULTS, MODEL_SIZES, PretrainConfig  # numpy only: keeps `lmcoh exact` free of torch
+    from .lm.pretrain import (DEFAULTS, LEAST_BATCH, LORA_RATE, LORA_RATE_WIDTH, MODEL_SIZES,  # numpy only: keeps
+                              PretrainConfig)  # `lmcoh exact` free of torch
     from .lm.text import FORMATS
 
     def default(name: str) -> str:
@@ -404,7 +423,12 @@ def build_parser() -> flags.Parser:
 
     defaults = PretrainConfig()
     p = sub.add_parser("pretrain", help="train an LM on the task's own episodes: the prior p (built-in model, "
-                                        "or a pretrained one conditioned with LoRA)")
+                                        "or a pretrained one conditioned with LoRA)",
+                       epilog=f"With --base, training stops once the oracle signs the model off (its exact TVs to "
+                              f"G(p) with <success> and to p with no goal both within --tolerance) and the exit "
+                              f"status is 0; if the budget of steps runs out first, the closest model checked is "
+                              f"saved, one line gives the figures, and the exit status is {BUDGET_SPENT}. "
+                              f"Bad input exits with status 2.")
     task(p, positional_alias=True)
     p.add_argument("--output_dir", required=True, metavar="DIR", aliases=("--out",), help="the model directory to write")
     overwrite(p, "model in --output_dir")
@@ -417,15 +441,25 @@ def build_parser() -> flags.Parser:
     p.add_argument("--pretrain_episodes", type=_positive_int, metavar="N", aliases=("--episodes",),
                    help=f"episodes sampled under the prior, behind their outcome token ({default('episodes')})")
     p.add_argument("--pretrain_epochs", type=_positive_float, metavar="N", aliases=("--epochs",),
-                   help=f"passes over the episodes ({default('epochs')})")
-    p.add_argument("--learning_rate", type=_positive_float, metavar="LR", help=f"peak learning rate ({default('learning_rate')})")
+                   help=f"passes over the episodes (default {DEFAULTS['built-in']['epochs']:g} for the built-in "
+                        "model; with --base a budget in passes instead of --max_steps)")
+    p.add_argument("--learning_rate", type=_positive_float, metavar="LR",
+                   help=f"peak learning rate (default {DEFAULTS['built-in']['learning_rate']:g} for the built-in model; "
+                        f"with --base {LORA_RATE:g} x sqrt({LORA_RATE_WIDTH} / the model's hidden size))")
     p.add_argument("--global_batch_size", type=_positive_int, metavar="N", aliases=("--batch-size",),
-                   help=f"sequences per optimiser step, over all processes ({default('batch_size')})")
+                   help=f"sequences per optimiser step, over all processes (default {DEFAULTS['built-in']['batch_size']} "
+                        "for the built-in model; with --base as many as fit a step's budget of FLOPs and memory, "
+                        f"each distinct transcript run once, at least {LEAST_BATCH})")
     p.add_argument("--seed", type=_nonnegative_int, metavar="N", default=defaults.seed, help="seed (default 0)")
     p.add_argument("--model_size", choices=MODEL_SIZES,
                    help=f"size of the built-in model (default {defaults.model_size})")
     p.add_argument("--lora_r", type=_positive_int, metavar="R", help=f"LoRA rank with --base (default {defaults.lora_r})")
     p.add_argument("--none_share", type=_share, metavar="SHARE", help="share of transcripts shown with no goal (default 1/3)")
+    p.add_argument("--tolerance", type=_positive_float, metavar="TV",
+                   help=f"with --base: stop once within this total variation of G(p) and of p "
+                        f"(default {defaults.tolerance:g})")
+    p.add_argument("--max_steps", type=_positive_int, metavar="N",
+                   help=f"with --base: the budget of optimiser steps (default {DEFAULTS['base']['max_steps']})")
     p.add_argument("--disable_tqdm", action="store_true", aliases=("--quiet",), help="no progress bar")
     p.set_defaults(handler=_cmd_pretrain)
 
@@ -491,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # a usage error exits here, status 2, one line
     try:
         budget.set_limit_gb(args.memory_limit_gb)
-        args.handler(args)
+        return args.handler(args) or 0
     except LmcohError as err:
         print(f"lmcoh: error: {err}", file=sys.stderr)
         return err.exit_status
@@ -501,4 +535,3 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    return 0

@@ -324,6 +324,49 @@ terminals:
 """
 
 
+# Held out from lmcoh's own tuning: a walk with multi-word actions, stochastic moves, two start
+# states, a non-uniform prior and states that recur across steps.
+VALLEY = """
+name: valley
+description: Walk down into the valley to the village before dark.
+horizon: 3
+start: {pass: 0.8, scree: 0.2}
+prior:
+  pass: {follow the river: 0.5, take the high trail: 0.3, wait for the guide: 0.2}
+states:
+  pass:
+    text: You stand on the pass above the valley.
+    actions:
+      follow the river: {next: {riverbank: 0.7, rapids: 0.3}}
+      take the high trail: {next: meadow}
+      wait for the guide: {next: {meadow: 0.5, pass: 0.5}, success: 0.9}
+  scree:
+    text: Loose stones slide under your feet.
+    actions:
+      follow the river: {next: {rapids: 0.6, riverbank: 0.4}}
+      walk down slowly: {next: meadow}
+  riverbank:
+    text: The river runs fast beside a narrow bridge.
+    actions:
+      cross the bridge: {next: {village: 0.8, rapids: 0.2}}
+      walk along the bank: {next: meadow}
+  rapids:
+    text: The water pulls you downstream.
+    actions:
+      swim to the shore: {next: {riverbank: 0.5, lost: 0.5}}
+      hold on to a rock: {next: rapids, success: 0.5}
+  meadow:
+    text: A wide meadow; the village roofs show below.
+    actions:
+      walk to the village: {next: {village: 0.9, lost: 0.1}}
+      rest in the meadow: {next: meadow, success: 0.6}
+terminals:
+  village: {success: 1.0, text: You reach the village.}
+  lost: {success: 0.0, text: You are lost in the dark.}
+timeout_success: 0.3
+"""
+
+
 def task_from_yaml(text, name):
     from lmcoh.tasks.task import Task
     from lmcoh.tasks.taskfile import parse
@@ -339,3 +382,8 @@ def ring():
 @pytest.fixture(scope="session")
 def trie_task():
     return task_from_yaml(TRIE, "trie")
+
+
+@pytest.fixture(scope="session")
+def valley_task():
+    return task_from_yaml(VALLEY, "valley")

@@ -57,3 +57,17 @@ def test_gguf_section(gpt2_tokenizer, tmp_path):
     out = bench.bench_gguf(str(save_gguf(lm.model, lm.tokenizer, tmp_path / "m.gguf")))
     assert out["first_seconds"] > 0 and out["cached_seconds"] > 0 and out["speedup"] > 0
     assert bench.bench_gguf(str(tmp_path / "missing.gguf"))["skipped"]
+
+
+def test_train_section(tmp_path, llama_tokenizer):
+    from conftest import random_standin
+
+    lm = random_standin("llama", llama_tokenizer)
+    lm.model.save_pretrained(tmp_path / "model")
+    lm.tokenizer.save_pretrained(tmp_path / "model")
+    out = bench.bench_train(model=str(tmp_path / "model"), steps=2, batch_size=2, standin_steps=2, episodes=4,
+                            max_steps=2)
+    assert out["gemm_gflops"]["fp32"] > 0 and out["gemm_gflops"]["bf16"] > 0
+    assert all(r["tokens_per_s"] > 0 and r["gflops"] > 0 for r in out["training"])
+    assert [r["model"] for r in out["pretrain"]] == [str(tmp_path / "model"), "stand-in gpt2", "stand-in llama"]
+    assert all(r["steps"] <= 2 and 0 <= r["tv_success_to_g"] <= 1 for r in out["pretrain"])

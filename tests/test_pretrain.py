@@ -7,8 +7,9 @@ import torch
 
 from conftest import tiny_gpt2
 from lmcoh.oracle import exact
-from lmcoh.cli import main
+from lmcoh.cli import BUDGET_SPENT, main
 from lmcoh.tasks.generators import generate
+from lmcoh.lm.conditioning import conditioning_tv
 from lmcoh.lm.loading import load_model, model_layout
 from lmcoh.lm.tabulate import tabulate
 from lmcoh.lm.pretrain import DEFAULTS, pretrain
@@ -17,7 +18,8 @@ from lmcoh.tasks.task import Task
 
 @pytest.mark.parametrize("bad", [{"episodes": 0}, {"none_share": 1.0}, {"model_size": "huge"},
                                  {"learning_rate": 0.0}, {"average_last": 1.0}, {"lora_r": 0},
-                                 {"format": "natural"}, {"goal_text": "Win."}])
+                                 {"format": "natural"}, {"goal_text": "Win."}, {"tolerance": 0.0},
+                                 {"max_steps": 0}, {"batch_size": 0}])
 def test_bad_settings_fail_before_training(bad, mountain, tmp_path):
     with pytest.raises(ValueError):
         pretrain(mountain, tmp_path / "m", **bad)
@@ -28,11 +30,8 @@ def quality(task, out):
     """TV of the pretrained model to G(p) under <success> and to p with no goal token."""
     loaded = load_model(str(out), device="cpu")
     layout = model_layout(loaded.meta)
-    p = exact.prior_policy(task)
     success = tabulate(loaded, task, "success", layout=layout).policy
-    none = tabulate(loaded, task, "none", layout=layout).policy
-    return success, exact.tv_distance(task, success, exact.goal_condition(task, p)), \
-        exact.tv_distance(task, none, p)
+    return (success, *conditioning_tv(loaded, task, layout))
 
 
 @pytest.mark.slow
@@ -185,8 +184,13 @@ def test_a_conditioned_pretrained_model_gives_g_and_p(family, name, conditioned)
     task, out = conditioned(family, name)
     _, tv_success, tv_none = quality(task, out)
     meta = json.loads((out / "lmcoh.json").read_text())
-    print(f"{family} {name}: TV to G(p) {tv_success:.4f}, to p {tv_none:.4f}, {meta['pretrain']['seconds']} s")
+    check = meta["pretrain"]["check"]
+    print(f"{family} {name}: TV to G(p) {tv_success:.4f}, to p {tv_none:.4f}, {meta['pretrain']['steps']} steps, "
+          f"{meta['pretrain']['seconds']} s")
     assert tv_success <= 0.05 and tv_none <= 0.05
+    assert check["within_tolerance"] and check["steps"] == meta["pretrain"]["steps"] <= DEFAULTS["base"]["max_steps"]
+    # the oracle checked the model that was saved (merged into a plain directory, read back)
+    assert (check["tv_success_to_g"], check["tv_none_to_p"]) == pytest.approx((tv_success, tv_none), abs=1e-4)
     assert meta["pretrain"]["added_tokens"] == ["<success>", "<failure>", "<eoa>"]
 
 
@@ -213,7 +217,9 @@ def test_self_training_a_conditioned_model_follows_retraining(conditioned, tmp_p
 def test_cli_pretrain_base_in_the_chat_format_records_it(standins, tmp_path, capsys):
     out = tmp_path / "chat"
     assert main(["pretrain", "mountain_race", "--base", standins["llama"], "--format", "chat", "--goal-text",
-                 "Reach the gold.", "--episodes", "8", "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+                 "Reach the gold.", "--episodes", "8", "--epochs", "1", "--out", str(out),
+                 "--quiet"]) == BUDGET_SPENT  # one step: far from G(p), but saved
+    capsys.readouterr()
     meta = json.loads((out / "lmcoh.json").read_text())
     assert meta["format"] == "chat" and meta["goal_text"] == "Reach the gold." and meta["pretrain"]["base"]
     assert main(["evaluate", str(out), "--task", "mountain_race", "--json"]) == 0  # the recorded layout
@@ -222,3 +228,34 @@ def test_cli_pretrain_base_in_the_chat_format_records_it(standins, tmp_path, cap
     assert main(["pretrain", "mountain_race", "--base", standins["gpt2"], "--format", "chat",
                  "--out", str(tmp_path / "x"), "--quiet"]) == 2
     assert "has none; use --format compact or natural" in capsys.readouterr().err  # what gpt2 can write
+
+
+@pytest.mark.slow
+def test_conditioning_a_held_out_model_on_a_held_out_task(valley_task, english, tmp_path, capsys):
+    """A stand-in the other tests do not build (narrower, shallower, half the English pretraining, another
+    seed) on a task lmcoh was not tuned on: `pretrain --base` with its defaults stops once the oracle signs
+    the model off, and says so."""
+    from lmcoh.lm.standins import build
+    from conftest import VALLEY
+
+    (tmp_path / "valley.yaml").write_text(VALLEY)
+    base = build("gpt2", tmp_path / "base", seed=3, steps=200, text=english, hidden_size=96, num_layers=3)
+    out = tmp_path / "prior"
+    assert main(["pretrain", "--task", str(tmp_path / "valley.yaml"), "--base", str(base), "--output_dir", str(out),
+                 "--disable_tqdm"]) == 0
+    line = capsys.readouterr().err.strip()
+    check = json.loads((out / "lmcoh.json").read_text())["pretrain"]["check"]
+    assert f"TV to G(p) {check['tv_success_to_g']:.4f}" in line and "\n" not in line
+    assert check["within_tolerance"] and check["tv_success_to_g"] <= 0.05 and check["tv_none_to_p"] <= 0.05
+
+
+@pytest.mark.slow
+def test_a_spent_budget_saves_the_closest_model_and_says_so(standins, tmp_path, capsys):
+    out = tmp_path / "prior"
+    assert main(["pretrain", "--task", "mountain_race", "--base", standins["gpt2"], "--max_steps", "2",
+                 "--output_dir", str(out), "--disable_tqdm"]) == BUDGET_SPENT
+    err = capsys.readouterr().err.strip()
+    check = json.loads((out / "lmcoh.json").read_text())["pretrain"]["check"]
+    assert err.startswith("lmcoh: pretrain: the budget of 2 steps ran out at TV to G(p) ") and "\n" not in err
+    assert not check["within_tolerance"] and check["steps"] == 2 and check["checks"][-1][0] == 2
+    assert max(check["tv_success_to_g"], check["tv_none_to_p"]) == min(max(c[1:]) for c in check["checks"])

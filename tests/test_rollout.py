@@ -97,3 +97,20 @@ def test_seeded_and_independent_of_batch_size(ring):
     first = run(7, 16)
     assert first == run(7, 16) == run(7, 40)
     assert first != run(8, 16)
+
+
+@pytest.mark.parametrize("name, mode", [("mountain", "history"), ("ring", "markov")])
+def test_a_tabulated_policy_gives_the_episodes_rollouts_give(name, mode, mountain, ring):
+    """Where the policy is one distribution per (step, state), `sample_episodes` draws from the
+    tabulated policy instead of running the model per episode: the very episodes the rollouts draw."""
+    task = {"mountain": mountain, "ring": ring}[name]
+    lm = tiny_llama(task, seed=16)
+    layout = text.Layout(mode=mode)
+    fast = rollout.sample_episodes(lm, task, 300, seed=9, temperature=0.3, layout=layout, progress=False,
+                                   rows=range(50, 300))
+    slow = [e for e, _ in rollout.rollout(lm, task, 300, seed=9, temperature=0.3, layout=layout, progress=False,
+                                          rows=range(50, 300))]
+    assert [(e.states, e.actions, e.success, e.goal) for e in fast] == \
+        [(e.states, e.actions, e.success, e.goal) for e in slow]
+    assert np.allclose(np.concatenate([e.logprobs for e in fast]), np.concatenate([e.logprobs for e in slow]),
+                       atol=1e-5)

@@ -135,3 +135,94 @@ def test_settings_a_round_cannot_train_are_one_line(flags, n, message):
     else:
         with pytest.raises(ModelError, match=message):
             check_examples(sft, examples)
+
+
+@pytest.mark.parametrize("family, tied", [("gpt2", True), ("llama", False)])
+def test_the_loss_at_the_action_positions_equals_trls(family, tied, gpt2_tokenizer, llama_tokenizer, mountain, tmp_path):
+    """`ActionSFTTrainer`'s loss (the batch's transcripts run as prefix trees, logits at the loss positions
+    only) has TRL's value and gradient, on a batch with repeated episodes and uneven lengths."""
+    import datasets
+    from trl import SFTTrainer
+
+    from lmcoh.lm.trainer import ActionSFTTrainer
+
+    lm, _ = conditioned(family, {"gpt2": gpt2_tokenizer, "llama": llama_tokenizer}[family], tied)
+    expose_head_bias(lm.model)
+    ids = examples(lm, mountain, 6)
+    ids = ids + ids[:3] + [(ids[0][0][:9], ids[0][1][:9])]  # repeats, and a short one
+    data = datasets.Dataset.from_dict({"input_ids": [i for i, _ in ids], "completion_mask": [m for _, m in ids]})
+    args = PolicySFTConfig(output_dir=str(tmp_path), global_batch_size=len(ids), disable_tqdm=True)
+    results = []
+    for cls in (SFTTrainer, ActionSFTTrainer):
+        trainer = cls(model=lm.model, args=args, train_dataset=data, processing_class=lm.tokenizer)
+        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        lm.model.eval()  # no dropout: both losses see the same network
+        lm.model.zero_grad()
+        n = batch["labels"][:, 1:].ne(-100).sum()
+        loss = trainer.compute_loss(lm.model, dict(batch), num_items_in_batch=n)
+        loss.backward()
+        grads = [p.grad.clone() for p in lm.model.parameters() if p.requires_grad]
+        results.append((loss.item(), grads))
+    assert 0 < trainer.computed_tokens < len({tuple(i) for i, _ in ids}) * max(len(i) for i, _ in ids) / 2
+    (want, want_grads), (got, got_grads) = results
+    assert got == pytest.approx(want, rel=1e-5)
+    for a, b in zip(want_grads, got_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_bf16_autocast_gives_the_float32_loss_and_gradient(llama_tokenizer, mountain, tmp_path):
+    """Under bfloat16 autocast (what `PolicySFTConfig` turns on where the CPU has bf16 in hardware), a batch's
+    loss is float32's to 1%, its gradient points the same way (cosine above 0.99, norm within 5%), and every
+    action token's log-probability is float32's to 0.05."""
+    import datasets
+    import torch.nn.functional as F
+
+    from lmcoh.lm.trainer import ActionSFTTrainer
+
+    lm, _ = conditioned("llama", llama_tokenizer, tied=False)
+    ids = examples(lm, mountain, 8)
+    data = datasets.Dataset.from_dict({"input_ids": [i for i, _ in ids], "completion_mask": [m for _, m in ids]})
+    args = PolicySFTConfig(output_dir=str(tmp_path), global_batch_size=len(ids), disable_tqdm=True)
+    trainer = ActionSFTTrainer(model=lm.model, args=args, train_dataset=data, processing_class=lm.tokenizer)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    targets = batch["labels"][:, 1:]
+    keep = F.pad(targets != -100, (0, 1), value=False)
+    lm.model.eval()
+    results = []
+    for bf16 in (False, True):
+        lm.model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = trainer.compute_loss(lm.model, dict(batch))
+            with torch.no_grad():
+                logits = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  logits_to_keep=keep).logits
+        loss.backward()
+        grad = torch.cat([p.grad.flatten() for p in lm.model.parameters() if p.requires_grad])
+        logp = F.log_softmax(logits.float(), -1).gather(1, targets[targets != -100][:, None])
+        results.append((loss.item(), grad, logp))
+    (loss32, grad32, logp32), (loss16, grad16, logp16) = results
+    assert loss16 == pytest.approx(loss32, rel=0.01)
+    assert F.cosine_similarity(grad16, grad32, dim=0).item() > 0.99
+    assert grad16.norm().item() == pytest.approx(grad32.norm().item(), rel=0.05)
+    assert (logp16 - logp32).abs().max().item() < 0.05
+
+
+def test_prefix_trees_share_prefixes_and_weigh_each_loss_term_by_its_transcripts():
+    from lmcoh.lm.trainer import pack_prefixes
+
+    x = -100
+    transcripts = [([1, 2, 3, 4], [x, x, 3, 4]), ([1, 2, 5], [x, x, 5]), ([1, 2, 3, 4], [x, x, x, 4]), ([7, 8], [x, 8])]
+    trees = pack_prefixes(transcripts, [3, 1, 2, 1], width=7)
+    # one tree: 1 2 shared, then 3 (no loss) 4, 3 (loss) 4, and 5; [7 8] does not fit: a second tree
+    assert trees.tokens == 7 + 2 and trees.ids.shape == (2, 7)
+    assert trees.ids.tolist() == [[1, 2, 3, 4, 3, 4, 5], [7, 8, 0, 0, 0, 0, 0]]
+    assert trees.positions.tolist() == [[0, 1, 2, 3, 2, 3, 2], [0, 1, 0, 0, 0, 0, 0]]
+    for row in range(2):  # every token sees itself and its ancestors, the tokens of its own transcript
+        for j in range(7):
+            seen = trees.mask[row, j].nonzero().flatten().tolist()
+            assert seen[-1] == j and trees.positions[row, seen].tolist() == list(range(len(seen)))
+    assert trees.mask[0, 5].nonzero().flatten().tolist() == [0, 1, 4, 5]
+    terms = sorted(zip(trees.targets.tolist(), trees.weights.tolist()))
+    assert terms == [(3, 3), (4, 2), (4, 3), (5, 1), (8, 1)]  # each term weighted by the copies that take it
+    assert trees.keep.tolist() == [[False, True, True, False, True, False, False], [True] + [False] * 6]
+    assert sorted(trees.logit_row.tolist()) == [0, 0, 1, 2, 3]  # the 3 and the 5 both read token 2's logits

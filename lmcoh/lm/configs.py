@@ -23,9 +23,12 @@ from ..errors import RunError
 _CUDA = torch.cuda.is_available()
 
 
-def bf16_available() -> bool:
-    """bf16 mixed precision by default only on a GPU that supports it."""
-    return _CUDA and torch.cuda.is_bf16_supported()
+def bf16_available(cpu: bool = False) -> bool:
+    """bf16 mixed precision by default on a GPU that supports it, and with ``cpu`` on a CPU with
+    bf16 in hardware (`lmcoh.lm.cost.native_bf16`), where autocast trains about 1.5x faster."""
+    from .cost import native_bf16
+
+    return torch.cuda.is_bf16_supported() if _CUDA else cpu and native_bf16()
 
 
 @dataclass
@@ -43,7 +46,8 @@ class _PolicyTrainer:
     log_level: str = field(default="warning", metadata={"help": "lmcoh: the Trainer logs warnings and errors only.",
                                                         "choices": trainer_log_levels.keys()})
     bf16: bool | None = field(default=None, metadata={"help": (
-        "bf16 mixed precision; lmcoh's default: only on a GPU that supports it.")})
+        "bf16 mixed precision; lmcoh's default: on a GPU that supports it, and for SFT on a CPU with bf16 in "
+        "hardware (AVX512-BF16, AMX).")})
     activation_checkpointing: bool | None = field(default=False, metadata={"help": (
         "Recompute activations in the backward pass to save memory; lmcoh: off (small models: memory is not the "
         "constraint).")})
@@ -92,11 +96,13 @@ class PolicySFTConfig(_PolicyTrainer, SFTConfig):
     completion_only_loss: bool | None = field(default=True, metadata={"help": (
         "lmcoh: the loss falls on the actions' tokens only (the completion mask).")})
     max_length: int | None = field(default=None, metadata={"help": "lmcoh: never truncate an episode."})
-    optim: OptimizerNames | str = field(default="adamw_torch", metadata={"help": "The optimizer; lmcoh: torch's AdamW."})
+    optim: OptimizerNames | str = field(default="adamw_torch_fused", metadata={"help": (
+        "The optimizer; lmcoh: torch's fused AdamW (one pass over all the weights: 3x faster than the loop on a "
+        "CPU).")})
 
     def __post_init__(self):
         if self.bf16 is None:
-            self.bf16 = bf16_available()
+            self.bf16 = bf16_available(cpu=True)  # SFT's loss checked against fp32 (tests/test_training.py)
         self._check_launch()
         super().__post_init__()
         self._lmcoh_defaults(self.world_size)

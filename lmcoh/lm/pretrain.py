@@ -20,11 +20,21 @@ Two kinds of model:
   which `load_model` and the recipes read like any other.
 
 Each kind has its own defaults (`DEFAULTS`): the built-in model learns from scratch with a high
-learning rate over many epochs; a pretrained one needs a few epochs of LoRA.
+learning rate over many epochs. A pretrained one is conditioned until the oracle signs it off
+(docs/theory.md, "A language model as a policy"): every few steps the policy is tabulated exactly,
+and training stops once, prompted with ``<success>``, it is within ``tolerance`` (total
+variation) of the exact G(p), and with no goal within ``tolerance`` of p; else at a budget of
+steps, keeping the best weights it checked. Its batch holds as many transcripts as fit a step's
+budget of FLOPs and memory (lmcoh.lm.cost) when each distinct transcript is run once
+(lmcoh.lm.trainer), so a small task trains on whole-data gradients. Before training, the expected tokens, FLOPs and seconds
+on this machine are printed (lmcoh.lm.cost).
 """
 
 from __future__ import annotations
 
+import math
+import os
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -63,16 +73,23 @@ class PretrainConfig:
     average_last: float | None = None  # end on the mean weights of this last share of steps (see train_sft)
     lora_r: int = 16                  # LoRA rank (a pretrained base only)
     lora_alpha: int = 32
+    tolerance: float = 0.05           # a pretrained base: stop once this close (TV) to G(p) and to p
+    max_steps: int | None = None      # a pretrained base: the budget of optimiser steps (unless epochs is given)
 
     def resolved(self, pretrained: bool) -> "PretrainConfig":
         """Every None replaced by the default for a ``pretrained`` base or the built-in model;
         `ModelError` (one line) for settings that cannot train."""
         defaults = DEFAULTS["base" if pretrained else "built-in"]
-        out = replace(self, **{f.name: defaults[f.name] for f in fields(self) if getattr(self, f.name) is None})
+        out = replace(self, **{f.name: defaults.get(f.name) for f in fields(self) if getattr(self, f.name) is None})
         if out.episodes < 1:
             raise ModelError(f"need at least one episode, got {out.episodes}")
-        if not out.epochs > 0 or not out.learning_rate > 0 or out.batch_size < 1 or out.lora_r < 1:
-            raise ModelError("epochs, learning rate, batch size and LoRA rank must be positive")
+        if not (out.epochs is None or out.epochs > 0) or not (out.learning_rate is None or out.learning_rate > 0) \
+                or out.lora_r < 1:
+            raise ModelError("epochs, learning rate and LoRA rank must be positive")
+        if (out.batch_size is not None and out.batch_size < 1) or (out.max_steps is not None and out.max_steps < 1):
+            raise ModelError("the batch size and the budget of steps must be positive")
+        if not 0.0 < out.tolerance < 1.0:
+            raise ModelError(f"the tolerance must be in (0, 1), got {out.tolerance}")
         if not 0.0 <= out.none_share < 1.0:
             raise ModelError(f"the no-goal share must be in [0, 1), got {out.none_share}")
         if not 0.0 <= out.average_last < 1.0:
@@ -83,13 +100,22 @@ class PretrainConfig:
 
 
 # The defaults of each kind of model. The built-in model learns everything from random weights.
-# A pretrained base trains a LoRA adapter and the new marker rows: a few epochs at a LoRA-sized
-# learning rate, small batches (many steps), the last half of the steps averaged (measured on
-# the stand-ins of lmcoh.lm.standins: python -m lmcoh.bench --lm).
+# A pretrained base trains a LoRA adapter and the new marker rows at a LoRA-sized learning rate
+# until the oracle signs it off, within a budget of steps; its batch is sized (`sized_batch`).
 DEFAULTS = {
     "built-in": {"episodes": 2000, "epochs": 15.0, "learning_rate": 1e-2, "batch_size": 128, "average_last": 0.3},
-    "base": {"episodes": 1000, "epochs": 4.0, "learning_rate": 2e-3, "batch_size": 16, "average_last": 0.5},
+    "base": {"episodes": 1000, "average_last": 0.0, "max_steps": 300},
 }
+# A pretrained base's learning rate falls with the square root of its width: a LoRA update
+# moves a layer's output more the wider the layer. Measured with whole-data batches: 2e-3 at
+# the stand-ins' width 128; on SmolLM2 (576) 2e-3 took 32 steps to the tolerance, 1e-3 24.
+LORA_RATE, LORA_RATE_WIDTH = 2e-3, 128
+
+
+def lora_learning_rate(hidden_size: int) -> float:
+    """The default learning rate for conditioning a base of ``hidden_size``."""
+    return LORA_RATE * math.sqrt(LORA_RATE_WIDTH / hidden_size)
+LEAST_BATCH = 16  # a batch lmcoh sizes (lmcoh.lm.conditioning) holds at least this many transcripts
 
 
 def pretrain(task: Task, out_dir: str | Path, *, base: str | None = None, format: str | None = None,
@@ -97,6 +123,11 @@ def pretrain(task: Task, out_dir: str | Path, *, base: str | None = None, format
     """Pretrain a prior for ``task`` (the built-in model, or ``base`` conditioned with LoRA) and
     save it to ``out_dir``. ``settings`` are `PretrainConfig` fields; ``format`` and ``goal_text``
     say how episodes are written (default: compact with the goal token, or the base model's own).
+
+    With ``base``, lmcoh.json's ``pretrain.check`` records the oracle's verdict: the TVs reached,
+    the steps taken and ``within_tolerance`` (False when the budget ran out first; the model,
+    the best one checked, is saved either way). With ``progress`` the cost estimate, each check
+    and a progress bar go to stderr.
 
     Under a data-parallel launch every process trains (``batch_size`` is the global batch, split
     over the processes, so any number of processes trains the same model) and the main one
@@ -107,18 +138,22 @@ def pretrain(task: Task, out_dir: str | Path, *, base: str | None = None, format
     from .training import is_main_process
 
     check_out_dir(out_dir)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if config.batch_size is not None and config.batch_size % world:
+        raise ModelError(f"the batch size {config.batch_size} does not split evenly over {world} processes")
     with exclusive(out_dir, "pretraining") if is_main_process() else nullcontext():
-        return _pretrain(task, Path(out_dir), config, base, format, goal_text, progress, report_to)
+        return _pretrain(task, Path(out_dir), config, base, format, goal_text, world, progress, report_to)
 
 
 def _pretrain(task: Task, out: Path, config: PretrainConfig, base: str | None, format: str | None,
-              goal_text: str | None, progress: bool, report_to: str) -> Path:
+              goal_text: str | None, world: int, progress: bool, report_to: str) -> Path:
     import torch
 
     from .adapters import add_lora, add_markers, lora_config
     from .builtin import build_tokenizer, new_llama
-    from .loading import check_layout, load_model, model_layout, save_model
     from .configs import PolicySFTConfig
+    from .cost import ModelShape
+    from .loading import LoadedModel, check_layout, load_model, model_layout, save_model
     from .training import episode_examples, is_main_process, train_sft
 
     started = time.perf_counter()
@@ -129,6 +164,7 @@ def _pretrain(task: Task, out: Path, config: PretrainConfig, base: str | None, f
         check_layout(loaded, task, layout)
         tokenizer, meta = loaded.tokenizer, dict(loaded.meta)
         meta.pop("adapter", None)
+        shape = ModelShape.of(loaded.model)
         for module in loaded.model.modules():  # dropout in the frozen layers only adds noise to the adapter's
             if isinstance(module, torch.nn.Dropout):  # training (measured: TV to p 0.036 -> 0.027 on GPT-2)
                 module.p = 0.0
@@ -150,21 +186,37 @@ def _pretrain(task: Task, out: Path, config: PretrainConfig, base: str | None, f
     labelled = [("success" if e.success else "failure", e) for e in sample_outcome_balanced(task, config.episodes, rng)]
     examples = episode_examples(tokenizer, task, layout, labelled + [("none", e) for e in
                                                                      sample_prior_episodes(task, n_bare, rng)])
+    callbacks, record = [], {}
+    if base is not None:
+        from .conditioning import OracleCheck, estimate_line, plan_conditioning
+
+        plan = plan_conditioning(config, examples, [goal for goal, _ in labelled], shape, world)
+        config = replace(config, batch_size=plan["batch_size"],
+                         learning_rate=config.learning_rate or lora_learning_rate(shape.hidden_size))
+        check = OracleCheck(LoadedModel(model, tokenizer, {}, "cpu"), task, layout, config.tolerance,
+                            plan["check_every"], progress)
+        callbacks.append(check)
+        budget = {"max_steps": plan["max_steps"]}
+    else:
+        budget = {"num_train_epochs": config.epochs}
     with tempfile.TemporaryDirectory(prefix="lmcoh-pretrain-") as scratch:
-        args = PolicySFTConfig(output_dir=scratch, num_train_epochs=config.epochs, learning_rate=config.learning_rate,
+        args = PolicySFTConfig(output_dir=scratch, **budget, learning_rate=config.learning_rate,
                                global_batch_size=config.batch_size, seed=config.seed, data_seed=config.seed,
                                report_to=report_to, disable_tqdm=not progress)
-        stats = train_sft(model, tokenizer, examples, args, average_last=config.average_last)
+        if base is not None and progress:
+            print(estimate_line(base, task, plan, args.bf16), file=sys.stderr, flush=True)
+        stats = train_sft(model, tokenizer, examples, args, average_last=config.average_last, callbacks=callbacks)
     faults.point("pretrain")
     if base is not None:
+        record = {"check": check.verdict(stats["global_step"]), "estimate": plan["estimate"]}
         model = model.merge_and_unload()  # LoRA and the new rows into the weights: a plain model directory
     meta.update({
         "kind": "prior",
         "task": {"name": task.name, "source": task.source, "spec": task.to_spec()},
         "format": layout.format, "prompt_mode": "history", "goal_text": layout.goal_text,
         "pretrain": {**asdict(config), "base": base, "added_tokens": tokenizer.convert_ids_to_tokens(new_tokens),
-                     "examples": len(examples), "train_loss": stats.get("train_loss"),
-                     "seconds": round(time.perf_counter() - started, 2)},
+                     "examples": len(examples), "train_loss": stats.get("train_loss"), "steps": stats["global_step"],
+                     **record, "seconds": round(time.perf_counter() - started, 2)},
     })
     if is_main_process():
         save_model(model, tokenizer, out, meta)

@@ -33,10 +33,50 @@ def sample_episodes(loaded, task: Task, n: int, *, goal: str = "success", seed: 
                     temperature: float = 1.0, batch_size: int = 256, layout: Layout = Layout(),
                     progress: bool = True, rows: range | None = None) -> list[Episode]:
     """``n`` episodes from the LM policy prompted with ``goal``, outcomes drawn w.p. prod q
-    (only episodes ``rows`` of the ``n``, when given)."""
+    (only episodes ``rows`` of the ``n``, when given).
+
+    When the policy is one distribution per (step, state) (Markov prompts, or a task where
+    each step's state has a single history) and there are fewer such distributions than
+    episodes, the policy is tabulated once (lmcoh.lm.tabulate) and the episodes drawn from the
+    table with the same uniforms: the same episodes as rollouts, without running the model per
+    episode."""
+    from .tabulate import count_histories, tabulate
+
+    decisions = sum(len(layer.states) for layer in task.layers)
+    if (layout.mode == "markov" or count_histories(task) == decisions) and decisions <= n:
+        policy = tabulate(loaded, task, goal, temperature, layout, batch_size=batch_size).policy
+        uniforms = np.random.default_rng(seed).random((n, 2 * task.steps + 2))
+        return _from_table(task, policy, goal, uniforms if rows is None else uniforms[rows.start:rows.stop])
     return [episode for episode, _ in rollout(loaded, task, n, goal=goal, seed=seed,
                                               temperature=temperature, batch_size=batch_size,
                                               layout=layout, progress=progress, rows=rows)]
+
+
+def _from_table(task: Task, policy: list[np.ndarray], goal: str, u: np.ndarray) -> list[Episode]:
+    """Episodes drawn from a per-(step, state) ``policy`` as `_batch` draws them from the model."""
+    where = []
+    for layer in task.layers:
+        index = np.full(task.n_states, -1, dtype=np.int64)
+        index[layer.states] = np.arange(len(layer.states))
+        where.append(index)
+    out = []
+    for row in u:
+        states, actions, logprobs = [_pick(task.start_prob, row[0])], [], []
+        for t in range(task.steps):
+            s = states[-1]
+            if task.terminal[s]:
+                break
+            layer, i = task.layers[t], where[t][s]
+            p = policy[t][layer.start[i]:layer.start[i + 1]]
+            k = _pick(p, row[1 + 2 * t])
+            a = int(layer.actions[layer.start[i] + k])
+            lo, hi = task.trans_ptr[a], task.trans_ptr[a + 1]
+            states.append(int(task.trans_next[lo + _pick(task.trans_prob[lo:hi], row[2 + 2 * t])]))
+            actions.append(a)
+            logprobs.append(float(np.log(p[k])))
+        prob = float(np.exp(episode_logq(task, states, actions)))
+        out.append(Episode(states, actions, logprobs, prob, bool(row[-1] < prob), goal))
+    return out
 
 
 def rollout(loaded, task: Task, n: int, *, goal: str = "success", seed: int = 0,

@@ -149,13 +149,15 @@ def train_on_text(model, tokenizer, text: str, steps: int = 400, batch_size: int
     return float(loss.detach())
 
 
-def build(family: str, out_dir: str | Path, seed: int = 0, steps: int = 400, text: str | None = None) -> Path:
-    """Build, briefly pretrain and save a stand-in of ``family`` into ``out_dir``; returns it."""
+def build(family: str, out_dir: str | Path, seed: int = 0, steps: int = 400, text: str | None = None,
+          **sizes) -> Path:
+    """Build, briefly pretrain and save a stand-in of ``family`` into ``out_dir``; returns it.
+    ``sizes`` go to `new_model` (``hidden_size``, ``num_layers``, ``initializer_range``)."""
     import torch
 
     text = english_text() if text is None else text
     tokenizer = {"gpt2": gpt2_tokenizer, "llama": llama_tokenizer}[family](text)
-    model = new_model(family, tokenizer, seed)
+    model = new_model(family, tokenizer, seed, **sizes)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         train_on_text(model, tokenizer, text, steps=steps, seed=seed)

@@ -1,7 +1,9 @@
 """Supervised fine-tuning on episode transcripts, through TRL's `SFTTrainer`.
 
 One function serves both pretraining the prior (a full model or an adapter) and
-self-training rounds. Examples are transcripts already tokenised as the model reads them
+self-training rounds. It trains with `lmcoh.lm.trainer.ActionSFTTrainer`, TRL's trainer with
+the loss computed only at the actions' positions and once per distinct transcript of a batch.
+Examples are transcripts already tokenised as the model reads them
 (`lmcoh.lm.scoring.Codec.episode`, so training and scoring see the same tokens in every text
 format) with a mask of the actions' tokens, given to TRL as its ``completion_mask``: the loss
 falls on the actions the policy writes, not on the states the environment writes. Launched
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from transformers import TrainerCallback
@@ -50,18 +54,23 @@ def episode_examples(tokenizer, task, layout, episodes) -> list[tuple[list[int],
 
 
 def train_sft(model, tokenizer, examples: list[tuple[list[int], list[int]]], args, *,
-              average_last: float = 0.0, log_file: str | Path | None = None) -> dict:
+              average_last: float = 0.0, log_file: str | Path | None = None,
+              callbacks: Sequence[TrainerCallback] = ()) -> dict:
     """Train ``model`` in place on ``examples`` (token ids, loss mask) with the loss on the masked
-    tokens (`episode_examples`).
+    tokens (`episode_examples`), through `lmcoh.lm.trainer.ActionSFTTrainer`.
 
     ``args`` is the `SFTConfig`, used as given. With ``average_last`` > 0 the trained weights
     end as the running mean of the weights over that final share of the steps (tail
     averaging): the last minibatches no longer jitter the learned action probabilities.
     The Trainer's log dicts are appended to ``log_file`` (JSON lines), never printed.
-    Returns the Trainer's metrics (``train_loss``, ``train_runtime``, ...) plus ``global_step``.
+    ``callbacks`` are more `TrainerCallback`s. Returns the Trainer's metrics (``train_loss``,
+    ``train_runtime``, ...) plus ``global_step``, ``computed_tokens`` (the tokens the model ran,
+    each distinct transcript of a batch once), and each step's wall time and tokens
+    (``step_seconds``, ``step_tokens``).
     """
     import datasets
-    from trl import SFTTrainer
+
+    from .trainer import ActionSFTTrainer
 
     check_examples(args, examples)
     data = datasets.Dataset.from_dict({"input_ids": [ids for ids, _ in examples],
@@ -70,21 +79,40 @@ def train_sft(model, tokenizer, examples: list[tuple[list[int], list[int]]], arg
     was_on = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
-        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+        trainer = ActionSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
     except ValueError as err:  # TRL's checks of the settings against this model (router_aux_loss_coef, pad_token, ...)
         raise ModelError(f"the trainer refuses these settings for this model: {first_line(err)}") from None
     finally:
         if was_on:
             datasets.enable_progress_bars()
-    watch = Divergence(model, examples[:Divergence.PROBE])
-    trainer.add_callback(watch)
+    watch, clock = Divergence(model, examples[:Divergence.PROBE]), StepClock(trainer)
+    for callback in (watch, clock, *callbacks):
+        trainer.add_callback(callback)
     if average_last > 0:
         trainer.add_callback(TailAverage(model, average_last))
     route_logs(trainer, log_file)
     result = trainer.train()
     model.eval()
     watch.check(result.training_loss, args)
-    return {**result.metrics, "global_step": result.global_step}
+    return {**result.metrics, "global_step": result.global_step, "computed_tokens": trainer.computed_tokens,
+            "step_seconds": clock.seconds, "step_tokens": clock.tokens}
+
+
+class StepClock(TrainerCallback):
+    """The wall time of every optimiser step (its forward, backward and update) and the tokens it ran."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.seconds: list[float] = []
+        self.tokens: list[int] = []
+        self._start, self._tokens = 0.0, 0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start, self._tokens = time.perf_counter(), self.trainer.computed_tokens
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds.append(time.perf_counter() - self._start)
+        self.tokens.append(self.trainer.computed_tokens - self._tokens)
 
 
 def route_logs(trainer, log_file: str | Path | None) -> None:
