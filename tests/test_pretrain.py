@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from conftest import tiny_gpt2
-from lmcoh.oracle import exact
 from lmcoh.cli import BUDGET_SPENT, main
 from lmcoh.tasks.generators import generate
 from lmcoh.lm.conditioning import conditioning_tv
