@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from trl import GRPOConfig
 
 from conftest import ROOT, recipe_args, recipe_env, tiny_llama
 from lmcoh.errors import LmcohError
@@ -77,7 +78,24 @@ PLAUSIBLE = {
     "lora_modules_to_save": [["--lora_modules_to_save", "lm_head"]],
     "lora_task_type": [["--lora_task_type", "SEQ_CLS"]],
     "bnb_4bit_quant_storage": [["--load_in_4bit", "true", "--bnb_4bit_quant_storage", "uint8"]],
+    # GRPOConfig's (recipes/kl_rl.py)
+    "generation_kwargs": [["--generation_kwargs", '{"do_sample": true}']],
+    "chat_template_kwargs": [["--chat_template_kwargs", '{"enable_thinking": false}']],
+    "cache_implementation": [["--cache_implementation", "static"]],
+    "vllm_mode": [["--vllm_mode", "server"]],
+    "vllm_model_impl": [["--vllm_model_impl", "transformers"]],
+    "vllm_structured_outputs_regex": [["--vllm_structured_outputs_regex", "up|down"]],
+    "vllm_server_base_url": [["--vllm_server_base_url", "http://localhost:8000"]],
+    "vllm_server_host": [["--vllm_server_host", "127.0.0.1"]],
+    "vllm_importance_sampling_mode": [["--vllm_importance_sampling_mode", "token_truncate"]],
+    "importance_sampling_level": [["--importance_sampling_level", "token"]],
+    "multi_objective_aggregation": [["--multi_objective_aggregation", "normalize_then_sum"]],
+    "scale_rewards": [["--scale_rewards", "group"], ["--scale_rewards", "batch"]],
+    "log_completions_hub_repo": [["--log_completions_hub_repo", "me/completions"]],
+    "transformers_continuous_batching_config": [["--transformers_continuous_batching_config", '{"max_batch_tokens": 64}']],
 }
+
+GRPO_PLAUSIBLE = {"loss_type": [["--loss_type", "dr_grpo"], ["--loss_type", "grpo"], ["--loss_type", "dapo"]]}
 
 
 def _option(parser, name: str):
@@ -93,8 +111,9 @@ def walk(parser) -> list[tuple[str, list[str]]]:
         for f in dataclasses.fields(dtype):
             if not f.init:
                 continue
-            if f.name in PLAUSIBLE:
-                cases += [(f.name, argv) for argv in PLAUSIBLE[f.name]]
+            plausible = {**PLAUSIBLE, **(GRPO_PLAUSIBLE if issubclass(dtype, GRPOConfig) else {})}
+            if f.name in plausible:
+                cases += [(f.name, argv) for argv in plausible[f.name]]
                 continue
             action = _option(parser, f.name)
             flag, kind = f"--{f.name}", getattr(action.type, "__name__", "")
@@ -133,9 +152,53 @@ def _parser(script_type: str):
     return arguments.make_parser(getattr(arguments, script_type))
 
 
+def kl_rl_check(args) -> None:
+    """What recipes/kl_rl.py checks before any work: its run object's constructor."""
+    from lmcoh.runs.klrl import KLRL
+
+    KLRL(*args)
+
+
+def _klrl_parser():
+    from lmcoh.runs.klrl import make_klrl_parser
+
+    return make_klrl_parser()
+
+
 # Each recipe's parser and the checks it runs before any work: a recipe joins the walk with one line.
-RECIPES = {"self_train": (lambda: _parser("SelfTrainArguments"), self_train_check),
-           "temperature_vs_retraining": (lambda: _parser("TemperatureArguments"), comparison_check)}
+# The third entry: the recipe's own verdicts where they differ from `REFUSED` (None: honoured).
+KL_RL_VERDICTS = {
+    # KL-RL (lmcoh.runs.klrl.check_grpo): what would make GRPOTrainer's update no REINFORCE gradient of J_beta
+    ("scale_rewards", "*"): "dividing advantages by the rewards' std", ("loss_type", "grpo"): "one over its length",
+    ("loss_type", "dapo"): "one over its length", ("multi_objective_aggregation", "*"): "divides by the rewards' std",
+    ("num_iterations", "*"): "more than one update per batch", ("steps_per_generation", "*"): "off-policy",
+    ("generation_batch_size", "*"): "off-policy", ("temperature", "*"): "sampled from the policy itself",
+    ("top_p", "*"): "the whole renormalised policy", ("top_k", "*"): "the whole renormalised policy",
+    ("min_p", "*"): "the whole renormalised policy", ("repetition_penalty", "*"): "sampled from the policy itself",
+    ("use_vllm", "*"): "sampled by lmcoh's rollouts", ("mask_truncated_completions", "*"): "not an end token",
+    ("top_entropy_quantile", "*"): "drops actions from the loss", ("entropy_coef", "*"): "changes the objective",
+    ("use_adaptive_entropy", "*"): "changes the objective", ("off_policy_mask_threshold", "*"): "drops episodes",
+    ("delta", "*"): "clips the ratio", ("weight_decay", "*"): "pulls the policy towards p",
+    ("sync_ref_model", "*"): "must stay the model the run starts from", ("disable_dropout", "*"): "without dropout",
+    ("reward_weights", "*"): "one reward", ("log_completions_hub_repo", "*"): "never contacts a model hub",
+    **{(name, "*"): "GRPO's own generation never runs" for name in (
+        "generation_kwargs", "chat_template_kwargs", "cache_implementation", "num_generations_eval",
+        "ds3_gather_for_generation", "max_tool_calling_iterations", "use_transformers_paged",
+        "use_transformers_continuous_batching", "transformers_continuous_batching_config", "vllm_mode",
+        "vllm_model_impl", "vllm_enable_sleep_mode", "vllm_structured_outputs_regex", "vllm_server_base_url",
+        "vllm_server_host", "vllm_server_port", "vllm_server_timeout", "vllm_group_port",
+        "vllm_gpu_memory_utilization", "vllm_max_model_length", "vllm_tensor_parallel_size",
+        "vllm_importance_sampling_correction", "vllm_importance_sampling_mode", "vllm_importance_sampling_clip_max",
+        "vllm_importance_sampling_clip_min", "vllm_importance_sampling_cap")},
+    ("save_strategy", "*"): None,  # the run sets it (KLRL_OVERRIDES)
+    ("auto_find_batch_size", "true"): "not supported by GRPO", ("eval_strategy", "*"): "eval",
+    ("load_best_model_at_end", "true"): "requires the save and eval strategy to match",
+    ("num_generations", "*"): "must be divisible", ("generation_batch_size", "*"): "must be divisible",
+    ("log_completions_hub_repo", "*"): "log_completions_hub_repo", ("use_peft", "false"): "use_peft is required",
+}
+RECIPES = {"self_train": (lambda: _parser("SelfTrainArguments"), self_train_check, {}),
+           "temperature_vs_retraining": (lambda: _parser("TemperatureArguments"), comparison_check, {}),
+           "kl_rl": (_klrl_parser, kl_rl_check, KL_RL_VERDICTS)}
 
 
 # The settings no run can honour, and the reason each refusal gives (lmcoh.runs.arguments.REFUSED, the
@@ -179,7 +242,7 @@ def test_every_setting_is_honoured_or_refused_in_one_line(recipe, tmp_path, monk
     monkeypatch.setenv(budget.ENV, str(budget.limit_bytes() / 2 ** 30))  # memory_limit_gb sets it: undone after
     for module in ("lmcoh.runs.run", "lmcoh.tasks.library"):  # the same task file, read once
         monkeypatch.setattr(f"{module}.load_task", functools.lru_cache(load_task))
-    make, check = RECIPES[recipe]
+    make, check, own = RECIPES[recipe]
     parser = make()
     lm = tiny_llama(mountain)
     model = save_model(lm.model, lm.tokenizer, tmp_path / "model", {})
@@ -193,12 +256,23 @@ def test_every_setting_is_honoured_or_refused_in_one_line(recipe, tmp_path, monk
             assert "\n" not in str(err) and str(err), (name, argv)
             verdicts[name, argv[-1]] = str(err)
     for case, verdict in verdicts.items():
-        why = REFUSED.get(case, REFUSED.get((case[0], "*")))
+        why = _expected(own, case)
         if why is not None:
             assert why in verdict, (case, verdict)
         else:
             assert verdict == "honoured" or _lacking(verdict), (case, verdict)
-    assert [case for case in REFUSED if case[1] != "*" and case not in verdicts and case[0] != "selftrain_dir"] == []
+    fields = {f.name for d in parser.dataclass_types for f in dataclasses.fields(d)}
+    assert [case for table in (REFUSED, own) for case in table if case[1] != "*" and case not in verdicts
+            and case[0] in fields and case[0] != "selftrain_dir" and _expected(own, case) == table[case]] == []
+
+
+def _expected(own: dict, case: tuple[str, str]) -> str | None:
+    """What refusal of ``case`` must say (None: it is honoured): the recipe's ``own`` verdict first."""
+    for table in (own, REFUSED):
+        for key in (case, (case[0], "*")):
+            if key in table:
+                return table[key]
+    return None
 
 
 def _lacking(message: str) -> bool:

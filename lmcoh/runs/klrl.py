@@ -42,6 +42,24 @@ KLRL_OVERRIDES = {
 }
 
 
+# GRPO's own generation settings. GRPOTrainer never generates here: lmcoh's rollouts sample every
+# episode (rollout_func), so any value but TRL's default would be accepted and then ignored.
+GENERATION_ONLY = ("generation_kwargs", "chat_template_kwargs", "cache_implementation", "num_generations_eval",
+                   "ds3_gather_for_generation", "max_tool_calling_iterations", "use_transformers_paged",
+                   "use_transformers_continuous_batching", "transformers_continuous_batching_config")
+
+
+def _generation_setting(grpo) -> str | None:
+    """The first generation-only setting (`GENERATION_ONLY`, every ``vllm_*``) not at TRL's default."""
+    from trl import GRPOConfig
+
+    for f in dataclasses.fields(GRPOConfig):
+        if (f.name in GENERATION_ONLY or f.name.startswith("vllm_")) and f.default is not dataclasses.MISSING \
+                and getattr(grpo, f.name) != f.default:
+            return f.name
+    return None
+
+
 def check_grpo(grpo) -> None:
     """`RunError` (one line) for a `GRPOConfig` setting under which GRPOTrainer's update is not an
     unbiased REINFORCE gradient of J_beta (recipes/kl_rl.py's docstring says why each matters)."""
@@ -80,6 +98,12 @@ def check_grpo(grpo) -> None:
     for name, (bad, why) in off.items():
         if bad:
             raise RunError(f"{name} {getattr(grpo, name, '')!r} is refused: {why}")
+    if grpo.log_completions_hub_repo is not None:
+        raise RunError("log_completions_hub_repo is refused: lmcoh never contacts a model hub")
+    name = _generation_setting(grpo)
+    if name is not None:
+        raise RunError(f"{name} {getattr(grpo, name)!r} is refused: GRPO's own generation never runs, lmcoh's "
+                       "rollouts sample every episode")
 
 
 def make_klrl_parser(description: str = ""):
