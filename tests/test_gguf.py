@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import random_standin, shared_model
-from lmcoh.cli import main
+from lmcoh.cli import BUDGET_SPENT, main
 from lmcoh.errors import ModelError
 from lmcoh.lm import gguf as lm_gguf
 from lmcoh.lm.loading import load_model
@@ -134,8 +134,9 @@ def test_every_command_takes_a_gguf_file(gpt2_gguf, tmp_path, capsys):
 @pytest.mark.slow
 def test_pretrain_conditions_a_gguf_base(gpt2_gguf, tmp_path, capsys):
     out = tmp_path / "conditioned"
-    assert main(["pretrain", "--task", "mountain_race", "--base", gpt2_gguf, "--format", "natural", "--pretrain_episodes", "8",
-                 "--pretrain_epochs", "1", "--output_dir", str(out), "--disable_tqdm"]) == 0
+    assert main(["pretrain", "--task", "mountain_race", "--base", gpt2_gguf, "--format", "natural",
+                 "--pretrain_episodes", "8", "--max_steps", "2", "--output_dir", str(out),
+                 "--disable_tqdm"]) == BUDGET_SPENT  # two steps do not condition it: the closest model is kept
     meta = json.loads((out / "lmcoh.json").read_text())
     assert meta["format"] == "natural" and meta["pretrain"]["base"] == gpt2_gguf
     assert main(["evaluate", str(out), "--task", "mountain_race", "--json"]) == 0

@@ -124,7 +124,7 @@ def test_cli_pretrain_refuses_an_existing_model_before_any_work(mountain, tmp_pa
                                        ("1", ")")])
 def test_a_finite_blow_up_is_a_divergence_too(rate, why, tmp_path, capsys):
     """1e6 leaves finite weights of ~3e6 and equal logits everywhere; 1 makes the loss rise from 5.6 to
-    about 15. Both are refused in one line, and nothing is written."""
+    about 10. Both are refused in one line, and nothing is written."""
     out = tmp_path / "prior"
     assert main(["pretrain", "--task", "mountain_race", "--output_dir", str(out), "--pretrain_episodes", "300",
                  "--pretrain_epochs", "3", "--learning_rate", rate, "--disable_tqdm"]) == 2

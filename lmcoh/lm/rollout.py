@@ -46,7 +46,9 @@ def sample_episodes(loaded, task: Task, n: int, *, goal: str = "success", seed: 
     if (layout.mode == "markov" or count_histories(task) == decisions) and decisions <= n:
         policy = tabulate(loaded, task, goal, temperature, layout, batch_size=batch_size).policy
         uniforms = np.random.default_rng(seed).random((n, 2 * task.steps + 2))
-        return _from_table(task, policy, goal, uniforms if rows is None else uniforms[rows.start:rows.stop])
+        episodes = _from_table(task, policy, goal, uniforms if rows is None else uniforms[rows.start:rows.stop])
+        faults.point("sample")
+        return episodes
     return [episode for episode, _ in rollout(loaded, task, n, goal=goal, seed=seed,
                                               temperature=temperature, batch_size=batch_size,
                                               layout=layout, progress=progress, rows=rows)]

@@ -178,16 +178,16 @@ class Divergence(TrainerCallback):
     The rule. Training diverged when a trainable weight turns non-finite (training stops at that
     step; a NaN or inf loss does that through its gradient), or when the trained model, on a probe
     of its own training examples (the first `PROBE`), has a loss per action token that is not
-    finite or has risen past max(2 x, + 0.1) of where training started, or gives every token the
+    finite or has risen past max(1.5 x, + 0.1) of where training started, or gives every token the
     same logit (a collapsed network: the uniform guess over the vocabulary, whatever the text).
     Finite blow-ups count: ``lmcoh pretrain --learning_rate 1e6`` leaves weights of 3e6 and equal
-    logits everywhere, and at 1 the loss rises from 5.6 to 15. The trainable weights are an
+    logits everywhere, and at 1 the loss rises from 5.6 to 9.8. The trainable weights are an
     adapter's or a small model's: checking them every step costs little; the probe is two forward
     passes."""
 
     PROBE = 32
 
-    def __init__(self, model, probe: list[tuple[list[int], list[int]]]):
+    def __init__(self, model, probe: list[tuple[list[int], list[int]]] = ()):
         self.model, self.probe = model, probe
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.step: int | None = None
@@ -219,7 +219,7 @@ class Divergence(TrainerCallback):
         went = f"the loss on its own examples went from {self.before:.4g} to {after:.4g}"
         if spread <= 1e-4:
             raise DivergenceError(f"training diverged ({went}; the model gives every token the same probability)")
-        if not math.isfinite(after) or after > max(2 * self.before, self.before + 0.1):
+        if not math.isfinite(after) or after > max(1.5 * self.before, self.before + 0.1):
             raise DivergenceError(f"training diverged ({went})")
 
 
