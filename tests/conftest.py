@@ -322,4 +322,3 @@ terminals:
   top: {success: 1.0}
   fall: {success: 0.0}
 """
-

@@ -172,7 +172,7 @@ KL_RL_VERDICTS = {
     ("scale_rewards", "*"): "dividing advantages by the rewards' std", ("loss_type", "grpo"): "one over its length",
     ("loss_type", "dapo"): "one over its length", ("multi_objective_aggregation", "*"): "divides by the rewards' std",
     ("num_iterations", "*"): "more than one update per batch", ("steps_per_generation", "*"): "off-policy",
-    ("generation_batch_size", "*"): "off-policy", ("temperature", "*"): "sampled from the policy itself",
+    ("temperature", "*"): "sampled from the policy itself",
     ("top_p", "*"): "the whole renormalised policy", ("top_k", "*"): "the whole renormalised policy",
     ("min_p", "*"): "the whole renormalised policy", ("repetition_penalty", "*"): "sampled from the policy itself",
     ("use_vllm", "*"): "sampled by lmcoh's rollouts", ("mask_truncated_completions", "*"): "not an end token",
@@ -180,7 +180,7 @@ KL_RL_VERDICTS = {
     ("use_adaptive_entropy", "*"): "changes the objective", ("off_policy_mask_threshold", "*"): "drops episodes",
     ("delta", "*"): "clips the ratio", ("weight_decay", "*"): "pulls the policy towards p",
     ("sync_ref_model", "*"): "must stay the model the run starts from", ("disable_dropout", "*"): "without dropout",
-    ("reward_weights", "*"): "one reward", ("log_completions_hub_repo", "*"): "never contacts a model hub",
+    ("reward_weights", "*"): "one reward",
     **{(name, "*"): "GRPO's own generation never runs" for name in (
         "generation_kwargs", "chat_template_kwargs", "cache_implementation", "num_generations_eval",
         "ds3_gather_for_generation", "max_tool_calling_iterations", "use_transformers_paged",
