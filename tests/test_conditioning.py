@@ -6,7 +6,7 @@ import math
 import pytest
 
 from lmcoh.lm.conditioning import expected_distinct_tokens, plan_conditioning, prefix_tokens, sized_batch
-from lmcoh.lm.cost import ModelShape, TrainingCost, gemm_rate
+from lmcoh.lm.cost import TOKEN_OVERHEAD_S, ModelShape, TrainingCost, gemm_rate
 from lmcoh.lm.pretrain import PretrainConfig
 from lmcoh.lm.text import Layout
 
@@ -63,7 +63,8 @@ def test_plan_checks_often_enough_and_estimates_the_cost():
 def test_training_cost():
     cost = TrainingCost(parameters=10**8, tokens_per_step=1000, steps=10, check_tokens=500, checks=2)
     assert cost.tokens == 10_000 and cost.flops == 10**8 * (4 * 10_000 + 2 * 500 * 2)
-    assert cost.seconds(100.0) == pytest.approx(10 * cost.step_seconds(100.0) + 2 * cost.check_seconds(100.0))
+    assert cost.seconds(100.0) == pytest.approx(10 * cost.step_seconds(100.0) + 2 * cost.check_seconds(100.0)
+                                                + TOKEN_OVERHEAD_S * (10_000 + 500))
     assert cost.step_seconds(200.0) < cost.step_seconds(100.0)
     assert gemm_rate(seconds=0.01) > 0
 

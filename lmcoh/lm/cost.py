@@ -5,7 +5,9 @@ pass and 2 for the backward pass through the frozen weights (their own gradients
 formed; the adapter's are small). Tabulating the policy, a forward pass, costs 2 x parameters
 per token. The seconds follow from this machine's measured GEMM rate, in the precision training
 will use, times the share of it training reaches (`EFFICIENCY`, measured by
-``python -m lmcoh.bench --train``), plus a fixed cost per step that dominates for tiny models.
+``python -m lmcoh.bench --train``), plus a fixed cost per step and a cost per token beyond the
+FLOPs (building the prefix trees, the attention mask, the framework), which dominate for tiny
+models.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ import torch
 EFFICIENCY = 0.5
 STEP_OVERHEAD_S = 0.02
 CHECK_OVERHEAD_S = 0.05
+# Beyond the FLOPs, per token: measured 0.9 s for a step of 3100 tokens of a 0.6M-parameter GPT-2
+# stand-in, whose FLOPs take a millisecond (the held-out valley walk, one thread).
+TOKEN_OVERHEAD_S = 2.5e-4
 # A step's budget when lmcoh sizes the batch: the FLOPs of 1024 tokens of a 135M model (seconds
 # on a CPU), and activations of at most 1.5 GB at about 80 bytes per token, layer and hidden unit
 # (float32 LoRA training keeps some twenty vectors of the layer's width per token for backward).
@@ -102,8 +107,10 @@ class TrainingCost:
         return 2 * self.parameters * self.check_tokens / (EFFICIENCY * rate_gflops * 1e9) + CHECK_OVERHEAD_S
 
     def seconds(self, rate_gflops: float) -> float:
-        """Expected wall time at a measured GEMM rate of ``rate_gflops``."""
-        return self.steps * self.step_seconds(rate_gflops) + self.checks * self.check_seconds(rate_gflops)
+        """Expected wall time at a measured GEMM rate of ``rate_gflops``, with `TOKEN_OVERHEAD_S` (left
+        out of `step_seconds` and `check_seconds`, whose ratio sets how often the oracle checks)."""
+        overhead = TOKEN_OVERHEAD_S * (self.tokens + self.check_tokens * self.checks / 2)
+        return self.steps * self.step_seconds(rate_gflops) + self.checks * self.check_seconds(rate_gflops) + overhead
 
 
 def training_rate(bf16: bool) -> float:
