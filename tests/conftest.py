@@ -322,3 +322,20 @@ terminals:
   top: {success: 1.0}
   fall: {success: 0.0}
 """
+
+
+def task_from_yaml(text, name):
+    from lmcoh.tasks.task import Task
+    from lmcoh.tasks.taskfile import parse
+
+    return Task.from_spec(parse(text, name, name))
+
+
+@pytest.fixture(scope="session")
+def ring():
+    return task_from_yaml(RING, "ring")
+
+
+@pytest.fixture(scope="session")
+def trie_task():
+    return task_from_yaml(TRIE, "trie")
