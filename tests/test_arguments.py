@@ -312,14 +312,18 @@ def test_recipe_help_shows_one_spelling_per_flag():
 @pytest.mark.slow
 def test_ctrl_c_on_a_recipe_is_one_line_and_the_run_resumes(tmp_path):
     """SIGINT while the recipe pretrains its prior: status 130, one line, and the same command resumes."""
+    import signal
+
     from lmcoh import faults
 
     argv = [sys.executable, str(ROOT / "recipes" / "self_train.py"), "--task", "mountain_race", "--rounds", "0",
             "--pretrain_episodes", "64", "--pretrain_epochs", "1", "--disable_tqdm", "true",
             "--output_dir", str(tmp_path / "run")]
     # Ctrl-C at the end of the pretraining's first step (one sent from outside could come after it ends)
+    # SIGINT as a terminal delivers it, even when this suite runs in the background (which ignores it)
     stopped = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=120,
-                             env={**recipe_env(), faults.ENV: "train:1@SIGINT"})
+                             env={**recipe_env(), faults.ENV: "train:1@SIGINT"},
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert stopped.returncode == 130 and stopped.stdout.startswith("pretraining the built-in prior")
     assert stopped.stderr.strip() == "self_train: interrupted; run the same command again to resume"
     done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=recipe_env(), timeout=600)
