@@ -66,9 +66,7 @@ class _PolicyTrainer:
                            "accelerate launch); this is one process")
 
     def _lmcoh_defaults(self, world: int) -> None:
-        """bf16 where the default is unset; the per-device batch from the global one over ``world`` processes."""
-        if self.bf16 is None:
-            self.bf16 = bf16_available()
+        """The per-device batch from the global one over ``world`` processes."""
         if isinstance(self.global_batch_size, bool) or not isinstance(self.global_batch_size, int) \
                 or self.global_batch_size < 0:
             raise RunError(f"global_batch_size must be >= 0, got {self.global_batch_size!r}")
@@ -144,6 +142,8 @@ class PolicyGRPOConfig(_PolicyTrainer, GRPOConfig):
     logging_steps: float = field(default=10, metadata={"help": "Log every X update steps."})
 
     def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = bf16_available()  # not on a CPU: the rollouts' fp32 logprobs are the ratio's reference
         world = int(os.environ.get("WORLD_SIZE", "1"))  # GRPOConfig derives its generation batch from these
         self._check_launch()
         self._lmcoh_defaults(world)

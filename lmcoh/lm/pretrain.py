@@ -139,8 +139,10 @@ def pretrain(task: Task, out_dir: str | Path, *, base: str | None = None, format
 
     check_out_dir(out_dir)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if config.batch_size is not None and config.batch_size % world:
-        raise ModelError(f"the batch size {config.batch_size} does not split evenly over {world} processes")
+    if config.batch_size is not None:
+        from .configs import per_device_batch
+
+        per_device_batch(config.batch_size, world)  # refused before any work, as the recipes refuse it
     with exclusive(out_dir, "pretraining") if is_main_process() else nullcontext():
         return _pretrain(task, Path(out_dir), config, base, format, goal_text, world, progress, report_to)
 
