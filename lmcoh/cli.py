@@ -209,7 +209,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     flag = {"episodes": "pretrain_episodes", "epochs": "pretrain_epochs", "batch_size": "global_batch_size"}
     settings = {name: getattr(args, flag.get(name, name)) for name in ("episodes", "epochs", "batch_size", "seed",
                                                                       "model_size", "learning_rate", "none_share",
-                                                                      "lora_r", "tolerance", "max_steps")}
+                                                                      "lora_r", "embeddings", "tolerance", "max_steps")}
     settings = {name: value for name, value in settings.items() if value is not None}  # PretrainConfig's fields
     try:
         out = pretrain(task, args.output_dir, base=args.base, format=args.format, goal_text=args.goal_text,
@@ -414,8 +414,8 @@ def build_parser() -> flags.Parser:
     p.add_argument("--quick", action="store_true", help="fewer and smaller tasks (a few seconds)")
     p.set_defaults(handler=_cmd_study)
 
-    from .lm.pretrain import (DEFAULTS, LEAST_BATCH, LORA_RATE, LORA_RATE_WIDTH, MODEL_SIZES,  # numpy only: keeps
-                              PretrainConfig)  # `lmcoh exact` free of torch
+    from .lm.pretrain import (DEFAULTS, EMBEDDINGS, LEAST_BATCH, LORA_RATE, LORA_RATE_WIDTH,  # numpy only: keeps
+                              MODEL_SIZES, PretrainConfig)  # `lmcoh exact` free of torch
     from .lm.text import FORMATS
 
     def default(name: str) -> str:
@@ -434,7 +434,7 @@ def build_parser() -> flags.Parser:
     overwrite(p, "model in --output_dir")
     p.add_argument("--base", metavar="MODEL",
                    help="condition this pretrained causal LM (a directory, a GGUF file, or a hub id in the local "
-                        "cache): LoRA plus the new marker tokens, merged into OUTPUT_DIR")
+                        "cache): LoRA plus the embeddings, merged into OUTPUT_DIR")
     p.add_argument("--format", choices=FORMATS,
                    help="text format (default: compact, or the base model's own); natural and chat need --base")
     p.add_argument("--goal_text", metavar="TEXT", help="write this statement instead of the <success> token")
@@ -454,6 +454,9 @@ def build_parser() -> flags.Parser:
     p.add_argument("--model_size", choices=MODEL_SIZES,
                    help=f"size of the built-in model (default {defaults.model_size})")
     p.add_argument("--lora_r", type=_positive_int, metavar="R", help=f"LoRA rank with --base (default {defaults.lora_r})")
+    p.add_argument("--embeddings", choices=EMBEDDINGS,
+                   help=f"with --base: the embedding rows trained beside LoRA: all, or only the new markers' (for a "
+                        f"vocabulary too large to train; default {defaults.embeddings})")
     p.add_argument("--none_share", type=_share, metavar="SHARE", help="share of transcripts shown with no goal (default 1/3)")
     p.add_argument("--tolerance", type=_positive_float, metavar="TV",
                    help=f"with --base: stop once within this total variation of G(p) and of p "

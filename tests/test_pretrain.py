@@ -18,7 +18,7 @@ from lmcoh.tasks.task import Task
 @pytest.mark.parametrize("bad", [{"episodes": 0}, {"none_share": 1.0}, {"model_size": "huge"},
                                  {"learning_rate": 0.0}, {"average_last": 1.0}, {"lora_r": 0},
                                  {"format": "natural"}, {"goal_text": "Win."}, {"tolerance": 0.0},
-                                 {"max_steps": 0}, {"batch_size": 0}])
+                                 {"max_steps": 0}, {"batch_size": 0}, {"embeddings": "some"}])
 def test_bad_settings_fail_before_training(bad, mountain, tmp_path):
     with pytest.raises(ValueError):
         pretrain(mountain, tmp_path / "m", **bad)
@@ -64,19 +64,22 @@ def test_pretraining_is_seeded(mountain, tmp_path):
 
 
 @pytest.mark.slow
-def test_conditioning_a_foreign_model_trains_lora_and_the_new_rows_only(mountain, tmp_path):
+@pytest.mark.parametrize("embeddings", ["all", "new"])
+def test_conditioning_a_foreign_model_trains_lora_and_the_embeddings(embeddings, mountain, tmp_path):
     built = tiny_gpt2(mountain)
     built.model.save_pretrained(tmp_path / "gpt2")
     built.tokenizer.save_pretrained(tmp_path / "gpt2")
     out = pretrain(mountain, tmp_path / "prior", base=str(tmp_path / "gpt2"), episodes=64, epochs=2,
-                   batch_size=16)
+                   batch_size=16, embeddings=embeddings)
     loaded = load_model(str(out))
     assert not (out / "adapter_config.json").exists()  # merged: a plain model directory
     assert loaded.model.config.model_type == "gpt2" and len(loaded.tokenizer) == len(built.tokenizer) + 3
     assert loaded.meta["pretrain"]["base"] == str(tmp_path / "gpt2") and loaded.meta["format"] == "compact"
     assert loaded.meta["pretrain"]["added_tokens"] == ["<success>", "<failure>", "<eoa>"]
+    assert loaded.meta["pretrain"]["embeddings"] == embeddings
     before, after = built.model.transformer.wte.weight, loaded.model.transformer.wte.weight
-    assert torch.equal(before, after[:len(before)])  # the model's own vocabulary is not retrained
+    up = built.tokenizer(" up", add_special_tokens=False)["input_ids"][0]  # a word of every transcript
+    assert torch.equal(before[up], after[up]) == (embeddings == "new")  # the model's own vocabulary
     assert not torch.equal(before[0], after[-1])
     block = "transformer.h.0.attn.c_attn.weight"
     assert not torch.equal(built.model.state_dict()[block], loaded.model.state_dict()[block])  # LoRA, merged

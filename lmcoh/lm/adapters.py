@@ -1,9 +1,9 @@
 """LoRA adapters and the goal markers a pretrained model learns.
 
-A pretrained causal LM becomes a policy by training a LoRA adapter (peft) and, through peft's
-``trainable_token_indices``, the embedding rows of the text format's markers (``<success>``,
-``<failure>``, ``<eoa>``), which `add_markers` adds to its tokenizer. The model's own
-vocabulary stays frozen.
+A pretrained causal LM becomes a policy by training a LoRA adapter (peft) and the embedding
+rows of the text format's markers (``<success>``, ``<failure>``, ``<eoa>``), which
+`add_markers` adds to its tokenizer: through peft's ``trainable_token_indices`` (the model's own
+vocabulary frozen), or with the whole embedding matrix (`train_embeddings`).
 """
 
 from __future__ import annotations
@@ -59,6 +59,14 @@ def add_markers(loaded: LoadedModel, seed: int = 0) -> list[int]:
             draw = mean + torch.randn(len(ids), len(mean), generator=generator, dtype=cov.dtype) @ scale.T
             layer.weight[ids] = draw.to(layer.weight)
     return ids
+
+
+def train_embeddings(model) -> None:
+    """Make the embedding matrix of ``model`` (a peft model) trainable: the input rows and, when
+    untied, the output rows; the rest of the base stays frozen."""
+    for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if layer is not None:
+            layer.weight.requires_grad_(True)
 
 
 def lora_config(model, r: int, alpha: int, target_modules="all-linear", new_tokens=()):

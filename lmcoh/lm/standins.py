@@ -101,9 +101,10 @@ def new_model(family: str, tokenizer, seed: int = 0, hidden_size: int = 128, num
               initializer_range: float = 0.1):
     """A freshly initialised (seeded) model of ``family`` sized for ``tokenizer``, about 1M parameters.
 
-    The initialisation is wider than the families' 0.02: a model this small, trained this briefly,
-    would otherwise keep embeddings too short for confident predictions, which LoRA (leaving the
-    embeddings and norms frozen) could never reach; real checkpoints have grown theirs."""
+    The initialisation is wider than the families' 0.02, so that a model this small, trained this
+    briefly, grows embeddings long enough for confident predictions (real checkpoints have grown
+    theirs). Conditioning does not depend on it: it trains the embeddings too (lmcoh.lm.pretrain),
+    and models built at 0.02 condition as well (README, "Pretrained models")."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
