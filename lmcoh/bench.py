@@ -343,13 +343,10 @@ def bench_train(model: str = SMOLLM2, steps: int = 5, batch_size: int = 8, task:
               f"{100 * r['share_of_bf16']:>11.0f}% {100 * r['share_of_fp32']:>11.0f}%")
     best = max(runs, key=lambda r: r["tokens_per_s"])
     how = f"{'bf16 autocast' if best['bf16'] else 'fp32'}, {best['threads']} thread(s)"
-    if native:
-        print(f"training: {best['tokens_per_s']:.0f} tokens/s, {best['gflops']:.1f} GFLOP/s = "
-              f"{100 * best['share_of_bf16']:.0f}% of the bf16 GEMM rate ({100 * best['share_of_fp32']:.0f}% of the "
-              f"fp32 rate; {how})")
-    else:  # a share of an emulated rate says nothing
-        print(f"training: {best['tokens_per_s']:.0f} tokens/s, {best['gflops']:.1f} GFLOP/s = "
-              f"{100 * best['share_of_fp32']:.0f}% of the fp32 GEMM rate (bf16 is emulated here; {how})")
+    shares = (f"{100 * best['share_of_bf16']:.0f}% of the bf16 GEMM rate ({100 * best['share_of_fp32']:.0f}% of the "
+              f"fp32 rate; {how})" if native  # a share of an emulated rate says nothing:
+              else f"{100 * best['share_of_fp32']:.0f}% of the fp32 GEMM rate (bf16 is emulated here; {how})")
+    print(f"training: {best['tokens_per_s']:.0f} tokens/s, {best['gflops']:.1f} GFLOP/s = {shares}")
     # the target is a share of the machine's fastest GEMMs: bf16 where it is native, else fp32
     share = best["share_of_bf16"] if native else best["share_of_fp32"]
     if not native:

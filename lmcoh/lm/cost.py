@@ -2,7 +2,8 @@
 
 A LoRA step of a causal LM costs about 4 x parameters FLOPs per token it runs: 2 for the forward
 pass and 2 for the backward pass through the frozen weights (their own gradients are never
-formed; the adapter's are small). Tabulating the policy, a forward pass, costs 2 x parameters
+formed; the adapter's are small, and so are the embeddings' when conditioning trains them, since
+the logits are taken at the loss positions only). Tabulating the policy, a forward pass, costs 2 x parameters
 per token. The seconds follow from this machine's measured GEMM rate, in the precision training
 will use, times the share of it training reaches (`EFFICIENCY`, measured by
 ``python -m lmcoh.bench --train``), plus a fixed cost per step and a cost per token beyond the

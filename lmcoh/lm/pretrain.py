@@ -226,7 +226,7 @@ def _pretrain(task: Task, out: Path, config: PretrainConfig, base: str | None, f
     faults.point("pretrain")
     if base is not None:
         record = {"check": check.verdict(stats["global_step"]), "estimate": plan["estimate"]}
-        model = model.merge_and_unload()  # LoRA and the trainable tokens into the weights: a plain model directory
+        model = model.merge_and_unload()  # LoRA (and any trainable-token rows) into the weights: a plain directory
     meta.update({
         "kind": "prior",
         "task": {"name": task.name, "source": task.source, "spec": task.to_spec()},
